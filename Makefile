@@ -1,0 +1,29 @@
+# hf-tumor: `make train` (set up, train and evaluate), `make test` (set up, run the tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data/brain-tumor-mri
+CONFIG ?= configs/reference.yaml
+OUT ?= runs/reference
+# The torch build this project is tested with; override for another CUDA/CPU build.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup train test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+train: setup
+	$(BIN)/hf-tumor train $(CONFIG) --data_dir $(DATA) --output_dir $(OUT)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,62 @@
+"""Shared fixtures: small real subsets of the Kaggle data (symlinked from ../shared) and a tiny trained model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports datasets/transformers: nothing is downloaded, caches are private to this run.
+os.environ["HF_HUB_OFFLINE"] = "1"
+_TMP = Path(tempfile.mkdtemp(prefix="hf_tumor_tests_"))
+os.environ["HF_TUMOR_CACHE"] = str(_TMP / "hf_tumor_cache")
+os.environ["HF_DATASETS_CACHE"] = str(_TMP / "datasets_cache")
+os.environ.pop("HF_TUMOR_DATA", None)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("HF_TUMOR_TEST_DATA", REPO.parent / "shared" / "data" / "brain-tumor-mri"))
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+TEST_IMAGE_SIZE = 64
+
+
+def real_images(split: str, cls: str, n: int) -> list[Path]:
+    """The first ``n`` real images of a class in the shared copy of the dataset."""
+    folder = SHARED_DATA / split / cls
+    if not folder.is_dir():
+        pytest.fail(f"test data missing: {folder} (the shared copy of the Kaggle dataset)")
+    return sorted(folder.iterdir())[:n]
+
+
+def make_subset(root: Path, train_per_class: int, test_per_class: int) -> Path:
+    """A folder in the Kaggle layout whose files are symlinks to real images (nothing is copied)."""
+    for split, n in (("Training", train_per_class), ("Testing", test_per_class)):
+        for cls in CLASSES:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for image in real_images(split, cls, n):
+                (root / split / cls / image.name).symlink_to(image)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """12 training and 4 test images per class, real MRI slices."""
+    return make_subset(tmp_path_factory.mktemp("tiny_data"), 12, 4)
+
+
+def train_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    """Flags for a few quick training steps of resnetv2_50 at 64 px, from scratch."""
+    return [
+        "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--init", "scratch",
+        "--image_size", str(TEST_IMAGE_SIZE), "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
+        "--warmup_steps", "2", "--logging_steps", "2", "--dataloader_num_workers", "0", *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained_model(tiny_data, tmp_path_factory) -> Path:
+    """A resnetv2_50 model folder trained for a few steps by the real training entry point."""
+    from hf_tumor.training import main
+
+    return main(train_args(tiny_data, tmp_path_factory.mktemp("model") / "run"))

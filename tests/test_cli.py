@@ -1,0 +1,76 @@
+"""The hf-tumor command line on good and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CLASSES, real_images
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hf_tumor.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    text = root / "notes.jpg"
+    text.write_text("this is not an image")
+    truncated = root / "truncated.jpg"
+    truncated.write_bytes(real_images("Testing", "glioma", 1)[0].read_bytes()[:300])
+    return {"text": text, "truncated": truncated, "missing": root / "missing.png"}
+
+
+def test_predict_good_and_bad_files(trained_model, bad_files):
+    good = [str(p) for p in real_images("Testing", "pituitary", 2)]
+    result = run_cli("predict", "--model", str(trained_model), good[0], *map(str, bad_files.values()), good[1])
+    assert result.returncode == 1  # something failed
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(good[0]) and lines[1].startswith(good[1])
+    for line in lines:
+        assert all(c in line for c in CLASSES)
+    errors = [e for e in result.stderr.splitlines() if ": error:" in e]
+    assert len(errors) == 3 and "Traceback" not in result.stderr
+    assert any("missing.png" in e and "no such file" in e for e in errors)
+
+
+def test_predict_json(trained_model):
+    image = str(real_images("Testing", "notumor", 1)[0])
+    result = run_cli("predict", "--model", str(trained_model), "--json", image)
+    assert result.returncode == 0
+    record = json.loads(result.stdout)
+    assert record["path"] == image and record["error"] is None
+    assert list(record["probabilities"]) == CLASSES
+    assert abs(sum(record["probabilities"].values()) - 1) < 1e-5
+    assert record["label"] == max(record["probabilities"], key=record["probabilities"].get)
+
+
+def test_evaluate_command(trained_model, tiny_data):
+    result = run_cli("evaluate", "--model", str(trained_model), "--data_dir", str(tiny_data))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "test accuracy" in result.stdout
+    assert json.loads((trained_model / "eval_results.json").read_text())["splits"]["test"]["num_images"] == 16
+
+
+def test_train_on_a_bad_folder_is_a_clear_error(tmp_path):
+    result = run_cli("train", "--data_dir", str(tmp_path / "nope"), "--init", "scratch", "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_with_imagenet_offline_is_a_clear_error(tiny_data, tmp_path):
+    result = run_cli("train", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "o"), "--image_size", "64")
+    assert result.returncode == 2
+    assert "--init scratch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_lists_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "predict" in result.stdout and "train" in result.stdout

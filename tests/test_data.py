@@ -1,0 +1,143 @@
+"""Data loading on folders the tests build: the layout checks, corrupt files, the cache, the splits."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLASSES, TEST_IMAGE_SIZE, make_subset, real_images
+from hf_tumor import data
+from hf_tumor.data import DataError, check_layout, load_splits, resolve_data_dir, split_train_validation
+from hf_tumor.preprocessing import make_pretrained_cfg
+
+CFG = make_pretrained_cfg("resnetv2_50", TEST_IMAGE_SIZE)
+
+
+def test_classes_come_from_the_folders(tiny_data):
+    assert check_layout(tiny_data) == CLASSES
+
+
+def test_load_splits_stratified_and_cached(tiny_data):
+    splits = load_splits(tiny_data, CFG, validation_fraction=0.25, seed=0)
+    assert set(splits) == {"train", "validation", "test"}
+    assert splits["train"].features["label"].names == CLASSES
+    assert len(splits["test"]) == 4 * len(CLASSES)
+    # stratified: 25% of 12 images = 3 per class in validation
+    assert np.bincount(splits["validation"]["label"]).tolist() == [3, 3, 3, 3]
+    assert not set(splits["train"]["path"]) & set(splits["validation"]["path"])
+    # cached rows hold the resized RGB image
+    row = splits["train"][0]
+    assert len(row["pixels"]) == TEST_IMAGE_SIZE * TEST_IMAGE_SIZE * 3
+    cache_files = sorted(Path(os.environ["HF_TUMOR_CACHE"]).glob("*.arrow"))
+    assert cache_files, "decoded images were not cached"
+    mtimes = [f.stat().st_mtime_ns for f in cache_files]
+    again = load_splits(tiny_data, CFG, validation_fraction=0.25, seed=0)
+    assert [f.stat().st_mtime_ns for f in cache_files] == mtimes, "second load rebuilt the cache"
+    assert again["validation"]["path"] == splits["validation"]["path"], "split is not reproducible"
+
+
+def test_corrupt_images_are_skipped_with_one_warning(tmp_path, caplog):
+    root = make_subset(tmp_path / "d", 3, 2)
+    (root / "Training" / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "Training" / "notumor" / "empty.png").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="hf_tumor"):
+        splits = load_splits(root, CFG, validation_fraction=0.34, seed=0)
+    warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "Skipped 2 unreadable" in warnings[0] and "broken.jpg" in warnings[0] and "empty.png" in warnings[0]
+    assert len(splits["train"]) + len(splits["validation"]) == 3 * len(CLASSES)
+
+
+def _layout(root: Path, spec: dict[str, dict[str, int]]) -> Path:
+    image = real_images("Training", "glioma", 1)[0]
+    for split, classes in spec.items():
+        for cls, n in classes.items():
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (root / split / cls / f"{i}.jpg").symlink_to(image)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({}, "does not exist"),
+        ({"Training": {"a": 1, "b": 1}}, "has no Testing/ folder"),
+        ({"Training": {"a": 1, "b": 1}, "Testing": {"a": 1, "c": 1}}, "different class folders"),
+        ({"Training": {"a": 1, "b": 0}, "Testing": {"a": 1, "b": 1}}, "has no images"),
+        ({"Training": {"a": 1}, "Testing": {"a": 1}}, "need at least 2"),
+    ],
+)
+def test_bad_layouts_get_clear_errors(tmp_path, spec, expected):
+    root = _layout(tmp_path / "data", spec) if spec else tmp_path / "missing"
+    with pytest.raises(DataError, match=expected):
+        check_layout(root)
+
+
+def test_images_directly_in_split_folder(tmp_path):
+    root = _layout(tmp_path, {"Training": {"a": 1, "b": 1}, "Testing": {"a": 1, "b": 1}})
+    (root / "Testing" / "loose.jpg").symlink_to(real_images("Testing", "glioma", 1)[0])
+    with pytest.raises(DataError, match="holds images directly.*one sub-folder per class"):
+        check_layout(root)
+
+
+def test_single_split_folder_gets_a_hint(tmp_path):
+    root = _layout(tmp_path, {"Training": {"a": 2, "b": 2}})
+    with pytest.raises(DataError, match="pass the folder above it"):
+        check_layout(root / "Training")
+
+
+def test_a_file_is_not_a_data_folder(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DataError, match="is not a folder"):
+        check_layout(tmp_path / "f")
+
+
+def test_data_dir_resolution(tmp_path, monkeypatch):
+    assert resolve_data_dir(tmp_path) == tmp_path
+    monkeypatch.setenv("HF_TUMOR_DATA", str(tmp_path / "env"))
+    assert resolve_data_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("HF_TUMOR_DATA")
+    # offline (HF_HUB_OFFLINE=1 in tests) or without kagglehub: fails at once and says how to pass a folder
+    with pytest.raises(DataError, match="--data_dir"):
+        resolve_data_dir(None)
+
+
+def test_split_is_stratified_and_keeps_groups_together():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    groups = [f"g{i // 3}" for i in range(400)]  # groups of 3 consecutive images
+    labels = np.array([labels[(i // 3) * 3] for i in range(400)])  # one label per group
+    train, val = split_train_validation(labels, 0.15, seed=1, groups=groups)
+    assert sorted(train + val) == list(range(400))
+    val_groups = {groups[i] for i in val}
+    assert not any(groups[i] in val_groups for i in train), "a group straddles train and validation"
+    for label in range(4):
+        share = np.isin(val, np.flatnonzero(labels == label)).sum() / (labels == label).sum()
+        assert 0.12 <= share <= 0.18
+    assert split_train_validation(labels, 0.15, 1, groups) == (train, val)
+    assert split_train_validation(labels, 0.15, 2, groups) != (train, val)
+
+
+def test_cached_pixels_equal_the_pipeline_resize(tiny_data):
+    """The cache holds exactly what timm's eval transform makes of the file (RGB, EXIF, resize)."""
+    from hf_tumor.preprocessing import create_eval_transform, load_image
+
+    splits = load_splits(tiny_data, CFG, validation_fraction=0.25, seed=0)
+    row = splits["test"][0]
+    expected = np.asarray(create_eval_transform(CFG).resize(load_image(Path(row["path"]))))
+    assert np.array_equal(data.pixels_to_array(row["pixels"], TEST_IMAGE_SIZE), expected)
+
+
+def test_grayscale_and_rgb_inputs_give_three_channels(tmp_path):
+    from hf_tumor.preprocessing import create_eval_transform, load_image
+
+    gray = tmp_path / "g.png"
+    Image.fromarray(np.full((40, 50), 128, np.uint8), "L").save(gray)
+    tensor = create_eval_transform(CFG)(load_image(gray))
+    assert tensor.shape == (3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)

@@ -1,0 +1,113 @@
+"""A real resnetv2_50 trained for a few steps: the model folder, reloading, parity of every inference path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageClassification, pipeline
+
+from conftest import CLASSES, REPO, TEST_IMAGE_SIZE, train_args
+from hf_tumor.data import attach_transforms, cache_resized, load_image_folder
+from hf_tumor.evaluation import predict_logits
+from hf_tumor.inference import load_pipeline, predict_files
+from hf_tumor.model import load_model
+from hf_tumor.training import parse_args
+
+pytestmark = pytest.mark.slow
+
+
+def test_model_folder_is_complete(trained_model: Path):
+    for name in ("config.json", "model.safetensors", "train_args.json", "trainer_state.json", "train_results.json",
+                 "validation_results.json", "training_curves.png", "eval_results.json", "confusion_matrix.png"):
+        assert (trained_model / name).is_file(), name
+    assert not (trained_model / ".model-staging").exists()
+    config = json.loads((trained_model / "config.json").read_text())
+    assert config["label_names"] == CLASSES
+    assert config["pretrained_cfg"]["input_size"] == [3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE]
+    state = json.loads((trained_model / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 * 5  # 2 epochs of ceil(36 train images / 8)
+    assert any("eval_f1_macro" in h for h in state["log_history"])
+    assert state["best_metric"] is not None  # best model picked on validation macro-F1
+    resolved = json.loads((trained_model / "train_args.json").read_text())
+    assert resolved["ModelArguments"]["init"] == "scratch"
+    assert resolved["TrainingArguments"]["lr_scheduler_type"] == "cosine"
+
+
+def test_eval_results(trained_model: Path):
+    results = json.loads((trained_model / "eval_results.json").read_text())
+    test = results["splits"]["test"]
+    assert test["num_images"] == 16
+    assert 0 <= test["accuracy"] <= 1 and 0 <= test["f1_macro"] <= 1
+    assert list(test["per_class"]) == CLASSES
+    assert sum(test["per_class"][c]["support"] for c in CLASSES) == 16
+    matrix = np.array(test["confusion_matrix"])
+    assert matrix.shape == (4, 4) and matrix.sum() == 16
+    assert np.isclose(np.trace(matrix) / 16, test["accuracy"])
+
+
+def test_loads_offline_with_pipeline_and_automodel_and_all_paths_agree(trained_model: Path, tiny_data: Path):
+    model = AutoModelForImageClassification.from_pretrained(trained_model)
+    assert model.config.id2label[2] == "notumor"
+    test = cache_resized(load_image_folder(tiny_data)["test"], model.config.pretrained_cfg, "test")
+    logits, _ = predict_logits(load_model(trained_model), attach_transforms(test, model.config.pretrained_cfg))
+    evaluation_probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
+
+    paths = list(test["path"])
+    plain = pipeline("image-classification", model=str(trained_model))
+    pipeline_probs = np.array([[{s["label"]: s["score"] for s in out}[c] for c in CLASSES]
+                               for out in plain(paths, top_k=None)])
+    cli_probs = np.array([[p.probabilities[c] for c in CLASSES] for p in predict_files(load_pipeline(trained_model), paths)])
+    np.testing.assert_allclose(pipeline_probs, evaluation_probs, atol=1e-4)
+    np.testing.assert_allclose(cli_probs, pipeline_probs, atol=1e-4)
+
+
+def test_argument_file_with_overrides(tmp_path):
+    args_file = tmp_path / "args.yaml"
+    args_file.write_text("image_size: 96\nlearning_rate: 0.01\ninit: scratch\nrotation: 5\n")
+    data_args, model_args, augment, training = parse_args([str(args_file), "--learning_rate", "0.02"])
+    assert data_args.image_size == 96 and model_args.init == "scratch" and augment.rotation == 5
+    assert training.learning_rate == 0.02
+    args_file.write_text("imagesize: 96\n")
+    with pytest.raises(SystemExit, match="unknown argument.*imagesize"):
+        parse_args([str(args_file)])
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_data: Path, tmp_path: Path):
+    from hf_tumor.training import main
+
+    out = tmp_path / "run"
+    main(train_args(tiny_data, out, "--evaluate_test", "False") + ["--max_steps", "3", "--save_strategy", "steps",
+                                                                   "--save_steps", "3", "--eval_strategy", "steps",
+                                                                   "--eval_steps", "3"])
+    assert (out / "checkpoint-3").is_dir()
+    main(train_args(tiny_data, out, "--evaluate_test", "False") + ["--max_steps", "6", "--save_strategy", "steps",
+                                                                   "--save_steps", "3", "--eval_strategy", "steps",
+                                                                   "--eval_steps", "3"])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    first_logged_step = min(h["step"] for h in state["log_history"] if "loss" in h)
+    assert first_logged_step == 2  # history carried over from the first run, not restarted
+
+
+def test_two_process_data_parallel_on_cpu(tiny_data: Path, tmp_path: Path):
+    """accelerate launch with 2 processes (torchrun + gloo on CPU) trains one model."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "scripts" / "train.py"), *train_args(tiny_data, out, "--evaluate_test", "False",
+                                                          "--per_device_train_batch_size", "4")]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "train_results.json").read_text())
+    assert metrics["world_size"] == 2
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 * 5  # 36 images / (2 processes x 4) per step, 2 epochs
+    assert AutoModelForImageClassification.from_pretrained(out).config.num_labels == 4
