@@ -1,30 +1,60 @@
-"""``hf-tumor``: train, evaluate and predict. Each subcommand parses arguments and calls hf_tumor."""
+"""``hf-tumor``: train, evaluate, audit and predict. Each subcommand parses arguments and calls hf_tumor."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
+from hf_tumor.audit import DEFAULT_THRESHOLD
 from hf_tumor.data import DataError
+from hf_tumor.hub import PushError
+from hf_tumor.evaluation import EVAL_RESULTS_KEYS
 from hf_tumor.model import ModelInitError
 
 
 def _evaluate(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hf-tumor evaluate", description="Evaluate a model folder on the Testing split.")
+    parser = argparse.ArgumentParser(
+        prog="hf-tumor evaluate",
+        description="Evaluate a model folder on the official and leak-free test splits, calibrate it on validation.",
+        epilog=EVAL_RESULTS_KEYS, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="Model folder written by training.")
     parser.add_argument("--data_dir", help="Folder with Training/ and Testing/ (default: $HF_TUMOR_DATA).")
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--no_calibrate", action="store_true", help="Do not fit and fold a temperature.")
     args = parser.parse_args(argv)
     from hf_tumor.evaluation import evaluate_model
     from hf_tumor.training import setup_logging
 
     setup_logging()
-    results = evaluate_model(args.model, args.data_dir, args.batch_size)
-    test = results["splits"]["test"]
-    print(f"test accuracy {test['accuracy']:.4f}  macro-F1 {test['f1_macro']:.4f}  ({test['num_images']} images)")
-    print(f"wrote {args.model}/eval_results.json")
+    results = evaluate_model(args.model, args.data_dir, args.batch_size, calibrate=not args.no_calibrate)
+    for name, split in results["splits"].items():
+        if "nn_baseline" in split:
+            print(f"{name:<10} accuracy {split['accuracy']:.4f} [{split['accuracy_ci95'][0]:.4f}, "
+                  f"{split['accuracy_ci95'][1]:.4f}]  macro-F1 {split['f1_macro']:.4f}  "
+                  f"ECE {split['calibration']['ece_after']:.4f}  nearest-neighbour floor "
+                  f"{split['nn_baseline']['accuracy']:.4f}  ({split['num_images']} images)")
+    print(f"wrote {Path(args.model) / 'eval_results.json'}")
+    return 0
+
+
+def _audit(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hf-tumor audit", description="Find duplicates and train/test leakage.")
+    parser.add_argument("--data_dir", help="Folder with Training/ and Testing/ (default: $HF_TUMOR_DATA).")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help="Near-duplicate threshold on the Pearson correlation of 128x128 grayscale thumbnails.")
+    parser.add_argument("--output", default="audit_report.json", help="Where to write the JSON report.")
+    args = parser.parse_args(argv)
+    from hf_tumor.audit import run_audit, summary
+    from hf_tumor.data import resolve_data_dir
+
+    report = run_audit(resolve_data_dir(args.data_dir), args.threshold)
+    Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+    print(summary(report))
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -49,6 +79,38 @@ def _predict(argv: Sequence[str]) -> int:
     return 1 if any(p.error for p in predictions) else 0
 
 
+def _package(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hf-tumor package",
+                                     description="Write a Hub-ready copy of a trained model folder (fp16 weights, model card).")
+    parser.add_argument("--model", required=True, help="Model folder written by training and evaluation.")
+    parser.add_argument("--out", required=True, help="Destination folder.")
+    parser.add_argument("--repo_id", default="hf-tumor/resnetv2_50", help="Repo id the card's snippets use.")
+    args = parser.parse_args(argv)
+    from hf_tumor.hub import package_model
+
+    print(f"wrote {package_model(args.model, args.out, args.repo_id)}")
+    return 0
+
+
+def _push(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hf-tumor push", description="Push a model folder (and the Space) to the Hub.")
+    parser.add_argument("--model", required=True, help="Model folder written by training and evaluation.")
+    parser.add_argument("--repo_id", required=True, help="Model repo, USER/NAME.")
+    parser.add_argument("--space_id", help="Also upload space/ as a Gradio Space USER/SPACE serving the model.")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", help="Branch to push the model to (created if missing).")
+    parser.add_argument("--dry_run", metavar="OUT", help="Write the files that would be uploaded under OUT; push nothing.")
+    args = parser.parse_args(argv)
+    from hf_tumor.hub import push
+
+    plan = push(args.model, args.repo_id, args.space_id, args.private, args.revision, args.dry_run)
+    action = f"would upload (written under {args.dry_run})" if args.dry_run else "uploaded"
+    print(f"{action} to model repo {plan.model_repo}: {', '.join(plan.model_files)}")
+    if plan.space_repo:
+        print(f"{action} to Space {plan.space_repo}: {len(plan.space_files or [])} files")
+    return 0
+
+
 def _train(argv: Sequence[str]) -> int:
     from hf_tumor.training import main as train_main
 
@@ -58,7 +120,10 @@ def _train(argv: Sequence[str]) -> int:
 
 COMMANDS = {
     "train": (_train, "train a model folder (same flags as scripts/train.py; --help lists them)"),
-    "evaluate": (_evaluate, "evaluate a model folder on the Testing split"),
+    "evaluate": (_evaluate, "evaluate on official and leak-free test, calibrate on validation"),
+    "audit": (_audit, "find duplicates and train/test leakage in a data folder"),
+    "package": (_package, "write a Hub-ready copy of a model folder (fp16 weights, model card)"),
+    "push": (_push, "push a model folder, and optionally the Space, to the Hugging Face Hub"),
     "predict": (_predict, "classify image files"),
 }
 
@@ -72,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = COMMANDS[argv[0]][0], argv[1:]
     try:
         return command(rest)
-    except (DataError, ModelInitError, FileNotFoundError) as err:
+    except (DataError, ModelInitError, PushError, FileNotFoundError) as err:
         print(f"hf-tumor {argv[0]}: error: {err}", file=sys.stderr)
         return 2
 

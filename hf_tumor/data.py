@@ -91,6 +91,11 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if _is_image(p))
+
+
 def _listing(folder: Path, limit: int = 8) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if not p.name.startswith("."))
     more = f", ... ({len(names)} entries)" if len(names) > limit else ""
@@ -152,7 +157,7 @@ def load_image_folder(root: str | os.PathLike) -> DatasetDict:
     root = Path(root).resolve()
     classes = check_layout(root)
     data_files = {
-        split: [str(p) for c in classes for p in sorted((root / folder / c).iterdir()) if _is_image(p)]
+        split: [str(p) for c in classes for p in image_files(root / folder / c)]
         for split, folder in SPLIT_DIRS.items()
     }
     features = Features({"image": Image(decode=False), "label": ClassLabel(names=classes)})

@@ -1,4 +1,9 @@
-"""Evaluate a trained model folder on the Testing split and write ``eval_results.json`` and PNGs beside it."""
+"""Honest evaluation of a model folder: official and leak-free test, a lookup floor, calibration, intervals.
+
+``evaluate_model`` writes ``eval_results.json`` (keys documented in EVAL_RESULTS_KEYS) and PNGs into
+the model folder, and folds a temperature fitted on validation into the classifier so that the saved
+model gives calibrated probabilities in plain ``pipeline()``.
+"""
 
 from __future__ import annotations
 
@@ -14,21 +19,37 @@ import evaluate
 import numpy as np
 import torch
 from datasets import Dataset
+from sklearn.metrics import f1_score
 
-from hf_tumor.data import (
-    attach_transforms,
-    cache_resized,
-    first_per_class,
-    iterate_batches,
-    load_image_folder,
-    resolve_data_dir,
-)
-from hf_tumor.model import class_names_of, load_model
-from hf_tumor.plots import plot_confusion_matrix
+from hf_tumor.audit import fingerprints, run_audit, standardize, train_groups
+from hf_tumor.calibration import calibration_report, fit_temperature, fold_temperature, softmax
+from hf_tumor.data import attach_transforms, iterate_batches, load_splits, resolve_data_dir
+from hf_tumor.model import class_names_of, load_model, save_model_atomically
+from hf_tumor.plots import plot_confusion_matrix, plot_reliability
 
 logger = logging.getLogger("hf_tumor")
 
 METRIC_DIR = Path(__file__).parent / "metrics" / "classification_report"
+
+EVAL_RESULTS_KEYS = """
+eval_results.json
+  model, data_dir, class_names, image_size, seconds
+  temperature                 fitted on validation and folded into the saved weights (1.0 = none)
+  ood_energy_threshold        energy (-logsumexp of logits) above which the app flags an input;
+                              the 99th percentile on validation slices (stored in config.json too)
+  audit                       measure, threshold, num_images (train/test), test_with_train_twin,
+                              exact_test_twins, clean_test (counts over the whole data folder)
+  splits.{validation,test,clean_test}
+    num_images
+    accuracy, accuracy_ci95   bootstrap 95% interval (1000 resamples)
+    f1_macro, f1_macro_ci95, precision_macro, recall_macro
+    per_class.{name}          precision, recall, f1, support
+    confusion_matrix          rows = true class, columns = predicted
+    calibration               ece_before, ece_after (15 bins), nll_before, nll_after
+    flagged_by_energy         (test splits) share of real test slices above the energy threshold
+    nn_baseline               (test splits) 1-nearest-neighbour lookup on 32x32 thumbnails:
+                              accuracy, f1_macro, per_class, confusion_matrix
+"""
 
 
 @lru_cache(maxsize=1)
@@ -44,6 +65,19 @@ def classification_metrics(predictions: np.ndarray, references: np.ndarray, clas
     )
 
 
+def bootstrap_ci(predictions: np.ndarray, references: np.ndarray, n: int = 1000, seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile bootstrap intervals of accuracy and macro-F1."""
+    rng = np.random.default_rng(seed)
+    labels = np.unique(references)
+    accuracy, f1 = [], []
+    for _ in range(n):
+        idx = rng.integers(0, len(references), len(references))
+        accuracy.append(np.mean(predictions[idx] == references[idx]))
+        f1.append(f1_score(references[idx], predictions[idx], labels=labels, average="macro", zero_division=0))
+    interval = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]  # noqa: E731
+    return {"accuracy_ci95": interval(accuracy), "f1_macro_ci95": interval(f1)}
+
+
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, view: Dataset, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels for every row of an ``attach_transforms`` view, in order, in fp32."""
@@ -55,45 +89,155 @@ def predict_logits(model: torch.nn.Module, view: Dataset, batch_size: int = 32) 
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
+def nearest_neighbour_labels(data_dir: str | os.PathLike, query_paths: list[str]) -> list[str]:
+    """Label of the most correlated Training image (32x32 grayscale thumbnails) for each query path.
+
+    Query paths are as ``load_image_folder`` gives them: under the resolved data folder.
+
+    The floor any model must beat to show it learned more than a lookup of near copies.
+    """
+    fp = fingerprints(data_dir)
+    root = Path(data_dir).resolve()
+    index = {str(root / p): i for i, p in enumerate(fp.paths)}
+    train = [i for i, s in enumerate(fp.splits) if s == "train"]
+    thumbs = standardize(fp.nn_thumbs)
+    queries = thumbs[[index[p] for p in query_paths]]
+    nearest = (queries @ thumbs[train].T).argmax(dim=1).tolist()
+    return [fp.labels[train[j]] for j in nearest]
+
+
+def energy_scores(logits: np.ndarray) -> np.ndarray:
+    """Energy score, -logsumexp(logits): higher means less like the training data."""
+    return -torch.logsumexp(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
+
+
+def energy_threshold(validation_logits: np.ndarray, flag_rate: float = 0.01) -> float:
+    """The energy above which an input is flagged: its (1 - flag_rate) quantile on validation slices."""
+    return float(np.quantile(energy_scores(validation_logits), 1 - flag_rate))
+
+
+def _training_split_settings(model_dir: Path) -> dict[str, Any]:
+    """The seed, validation fraction and subset size the model was trained with (train_args.json)."""
+    settings = {"validation_fraction": 0.15, "seed": 42, "limit_per_class": None}
+    args_file = model_dir / "train_args.json"
+    if args_file.is_file():
+        resolved = json.loads(args_file.read_text())
+        data_args = resolved.get("DataArguments", {})
+        settings["validation_fraction"] = data_args.get("validation_fraction", 0.15)
+        settings["limit_per_class"] = data_args.get("limit_per_class")
+        settings["seed"] = resolved.get("TrainingArguments", {}).get("seed", 42)
+    return settings
+
+
+def _split_report(
+    logits: np.ndarray, labels: np.ndarray, class_names: list[str], temperature: float
+) -> dict[str, Any]:
+    predictions = logits.argmax(1)
+    return {
+        "num_images": int(len(labels)),
+        **classification_metrics(predictions, labels, class_names),
+        **bootstrap_ci(predictions, labels),
+        "calibration": calibration_report(logits, labels, temperature),
+    }
+
+
 def evaluate_model(
     model_dir: str | os.PathLike,
     data_dir: str | os.PathLike | None = None,
     batch_size: int = 32,
-    limit_per_class: int | None = None,
+    calibrate: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``model_dir`` on the Testing split of ``data_dir``; write eval_results.json and a PNG there.
+    """Evaluate ``model_dir``; write eval_results.json and PNGs there; fold the fitted temperature in.
 
-    ``limit_per_class`` evaluates only the first N test images of each class (quick checks).
+    Validation is rebuilt exactly as in training (same seed, fraction, subset and near-duplicate
+    groups, read from train_args.json) and used only to fit the temperature.
     """
     model_dir = Path(model_dir)
     model = load_model(model_dir)
     pretrained_cfg = model.config.pretrained_cfg
     class_names = class_names_of(model.config)
     data_dir = resolve_data_dir(data_dir)
-    test = load_image_folder(data_dir)["test"]
-    if limit_per_class:
-        test = first_per_class(test, limit_per_class)
-    test = cache_resized(test, pretrained_cfg, "test")
-    data_classes = list(test.features["label"].names)
-    if data_classes != class_names:
-        raise ValueError(f"The model's classes {class_names} differ from the data's class folders {data_classes}.")
+    audit = run_audit(data_dir)
+    settings = _training_split_settings(model_dir)
+    splits = load_splits(
+        data_dir, pretrained_cfg, settings["validation_fraction"], settings["seed"],
+        groups=train_groups(audit, data_dir), limit_per_class=settings["limit_per_class"],
+    )
+    if splits["test"].features["label"].names != class_names:
+        raise ValueError(
+            f"The model's classes {class_names} differ from the data's class folders {splits['test'].features['label'].names}."
+        )
 
     start = time.perf_counter()
-    logits, labels = predict_logits(model, attach_transforms(test, pretrained_cfg), batch_size)
+    val_logits, val_labels = predict_logits(model, attach_transforms(splits["validation"], pretrained_cfg), batch_size)
+    test_logits, test_labels = predict_logits(model, attach_transforms(splits["test"], pretrained_cfg), batch_size)
     seconds = time.perf_counter() - start
-    report = classification_metrics(logits.argmax(1), labels, class_names)
-    results = {
+
+    temperature = fit_temperature(val_logits, val_labels) if calibrate else 1.0
+    if calibrate:
+        if abs(temperature - 1.0) > 1e-3:
+            fold_temperature(model, temperature)
+            logger.info("folded temperature %.3f (fitted on validation) into the classifier", temperature)
+        model.config.ood_energy_threshold = energy_threshold(val_logits / temperature)
+        save_model_atomically(model, model_dir)
+
+    root = Path(data_dir).resolve()
+    test_paths = list(splits["test"]["path"])
+    leaked = {str(root / p) for p in audit["test_with_train_twin"]["paths"]}
+    clean = np.array([p not in leaked for p in test_paths])
+    nn_labels = np.array([class_names.index(n) for n in nearest_neighbour_labels(data_dir, test_paths)])
+
+    results: dict[str, Any] = {
         "model": str(model_dir),
-        "data_dir": str(Path(data_dir).resolve()),
+        "data_dir": str(root),
         "class_names": class_names,
         "image_size": int(pretrained_cfg["input_size"][-1]),
-        "splits": {"test": {"num_images": int(len(labels)), **report}},
+        "temperature": float(getattr(model.config, "calibration_temperature", temperature)),
+        "audit": {
+            "measure": audit["measure"],
+            "threshold": audit["threshold"],
+            "num_images": audit["num_images"],
+            "test_with_train_twin": audit["test_with_train_twin"]["count"],
+            "exact_test_twins": audit["test_with_train_twin"]["exact"],
+            "clean_test": audit["clean_test"]["count"],
+        },
+        "ood_energy_threshold": getattr(model.config, "ood_energy_threshold", None),
+        "splits": {"validation": _split_report(val_logits, val_labels, class_names, temperature)},
         "seconds": round(seconds, 2),
     }
-    (model_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_confusion_matrix(
-        report["confusion_matrix"], class_names, model_dir / "confusion_matrix.png",
-        f"Official test: accuracy {report['accuracy']:.2%}",
-    )
-    logger.info("test accuracy %.4f, macro-F1 %.4f on %d images", report["accuracy"], report["f1_macro"], len(labels))
+    for name, mask in (("test", np.ones_like(clean)), ("clean_test", clean)):
+        if not mask.any():
+            continue
+        report = _split_report(test_logits[mask], test_labels[mask], class_names, temperature)
+        baseline = classification_metrics(nn_labels[mask], test_labels[mask], class_names)
+        report["nn_baseline"] = {k: baseline[k] for k in ("accuracy", "f1_macro", "per_class", "confusion_matrix")}
+        if results["ood_energy_threshold"] is not None:
+            energies = energy_scores(test_logits[mask] / temperature)
+            report["flagged_by_energy"] = float(np.mean(energies > results["ood_energy_threshold"]))
+        results["splits"][name] = report
+
+    _write_report(model_dir, results, test_logits, test_labels, temperature)
     return results
+
+
+def _write_report(model_dir: Path, results: dict[str, Any], logits: np.ndarray, labels: np.ndarray, temperature: float) -> None:
+    (model_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    names = results["class_names"]
+    for split, filename, title in (("test", "confusion_matrix.png", "Official test"),
+                                   ("clean_test", "confusion_matrix_clean.png", "Leak-free test")):
+        if split in results["splits"]:
+            r = results["splits"][split]
+            plot_confusion_matrix(r["confusion_matrix"], names, model_dir / filename, f"{title}: accuracy {r['accuracy']:.2%}")
+    plot_reliability(
+        {"before temperature scaling": (softmax(logits), labels),
+         f"after (T = {temperature:.2f})": (softmax(logits / temperature), labels)},
+        model_dir / "reliability_diagram.png",
+    )
+    for split in ("test", "clean_test"):
+        if split in results["splits"]:
+            r = results["splits"][split]
+            logger.info(
+                "%s: accuracy %.4f [%.4f, %.4f], macro-F1 %.4f, ECE %.4f -> %.4f; nearest-neighbour floor %.4f (%d images)",
+                split, r["accuracy"], *r["accuracy_ci95"], r["f1_macro"], r["calibration"]["ece_before"],
+                r["calibration"]["ece_after"], r["nn_baseline"]["accuracy"], r["num_images"],
+            )

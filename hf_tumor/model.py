@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,16 @@ def load_model(model: str | os.PathLike, revision: str | None = None) -> TimmWra
 def class_names_of(config: Any) -> list[str]:
     """Label names in class-id order, from a model config."""
     return [config.id2label[i] for i in range(config.num_labels)]
+
+
+def save_model_atomically(model: torch.nn.Module, output_dir: Path) -> None:
+    """Write config.json + model.safetensors into a temporary folder, then move them in place.
+
+    A crash mid-write therefore never leaves a half-written model.safetensors where a loader looks.
+    """
+    staging = output_dir / ".model-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    for item in staging.iterdir():
+        os.replace(item, output_dir / item.name)
+    staging.rmdir()

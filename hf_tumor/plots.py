@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
+from hf_tumor.calibration import reliability_bins  # noqa: E402
+
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: list[str], path: Path, title: str) -> Path:
     """Write a confusion-matrix PNG (rows: true class, columns: predicted class)."""
@@ -44,6 +46,24 @@ def plot_training_curves(log_history: list[dict[str, Any]], path: Path) -> Path:
     for ax in (ax_loss, ax_score):
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, n_bins: int = 15) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, one line per (probabilities, labels) entry."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    edges = np.linspace(0, 1, n_bins + 1)
+    for name, (probs, labels) in curves.items():
+        confidence, accuracy, _ = zip(*reliability_bins(probs, labels, n_bins))
+        ax.plot(confidence, accuracy, "o-", label=name)
+    ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability (official test)", xlim=(0, 1), ylim=(0, 1.02),
+           xticks=edges[::3])
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import timm
 import torch
 import transformers
 import yaml
 from transformers import EarlyStoppingCallback, EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from hf_tumor.audit import run_audit, train_groups
 from hf_tumor.data import attach_transforms, class_names, collate, load_splits, resolve_data_dir
 from hf_tumor.evaluation import classification_metrics, evaluate_model
-from hf_tumor.model import INIT_CHOICES, create_model
+from hf_tumor.model import INIT_CHOICES, create_model, save_model_atomically
 from hf_tumor.plots import plot_training_curves
 from hf_tumor.preprocessing import AugmentConfig, make_pretrained_cfg
 
@@ -41,12 +43,13 @@ class DataArguments:
         metadata={"help": "Folder with Training/ and Testing/ class folders. Default: $HF_TUMOR_DATA, else a Kaggle download."},
     )
     image_size: int = field(default=256, metadata={"help": "Square input size in pixels (stored in the model config)."})
-    validation_fraction: float = field(default=0.15, metadata={"help": "Stratified share of Training held out for validation."})
+    validation_fraction: float = field(default=0.15, metadata={"help": "Stratified share of Training held out for validation (near-duplicate groups kept together)."})
     limit_per_class: int | None = field(
         default=None, metadata={"help": "Use only the first N images of each class per split (quick runs, tests)."}
     )
     evaluate_test: bool = field(
-        default=True, metadata={"help": "After training, evaluate the final model once on the Testing split."}
+        default=True,
+        metadata={"help": "After training, calibrate on validation and evaluate the final model once on the Testing split."},
     )
 
 
@@ -142,27 +145,28 @@ def compute_metrics_for(class_names: list[str]):
     return compute
 
 
-def save_model_atomically(model: torch.nn.Module, output_dir: Path) -> None:
-    """Write config.json + model.safetensors into a temporary folder, then move them in place.
-
-    A crash mid-write therefore never leaves a half-written model.safetensors where a loader looks.
-    """
-    staging = output_dir / ".model-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    for item in staging.iterdir():
-        os.replace(item, output_dir / item.name)
-    staging.rmdir()
-
-
 def save_resolved_args(output_dir: Path, *groups: Any) -> None:
     """The arguments this run actually used, for the model card and for reproducing it."""
     resolved: dict[str, Any] = {}
     for group in groups:
         values = group.to_dict() if isinstance(group, TrainingArguments) else dataclasses.asdict(group)
         resolved[type(group).__name__] = values
-    resolved["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    resolved["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__, "timm": timm.__version__}
+    resolved["hardware"] = hardware_description()
     (output_dir / ARGS_FILE).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+
+
+def hardware_description() -> str:
+    """What this run trains on, in words, for the model card."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        model_lines = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
+        cpu = model_lines[0].split(":", 1)[1].strip() if model_lines else cpu
+    except OSError:
+        pass
+    return f"CPU: {os.cpu_count()} cores, {cpu} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def setup_logging(training_args: TrainingArguments | None = None) -> None:
@@ -182,10 +186,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     data_dir = resolve_data_dir(data_args.data_dir)
     pretrained_cfg = make_pretrained_cfg(model_args.model_name, data_args.image_size)
-    with training_args.main_process_first(desc="decode and cache the images"):
+    with training_args.main_process_first(desc="audit, decode and cache the images"):
+        # near-duplicate groups stay on one side of the train/validation split, so that model
+        # selection does not reward memorising copies
+        groups = train_groups(run_audit(data_dir), data_dir)
         splits = load_splits(
             data_dir, pretrained_cfg, data_args.validation_fraction, training_args.seed,
-            limit_per_class=data_args.limit_per_class,
+            groups=groups, limit_per_class=data_args.limit_per_class,
         )
     names = class_names(splits["train"])
     logger.info("classes %s; train %d, validation %d, test %d images",
@@ -229,5 +236,5 @@ def main(argv: Sequence[str] | None = None) -> Path:
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         logger.info("model folder written to %s", output_dir)
         if data_args.evaluate_test:
-            evaluate_model(output_dir, data_dir, limit_per_class=data_args.limit_per_class)
+            evaluate_model(output_dir, data_dir)
     return output_dir

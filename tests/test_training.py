@@ -40,8 +40,24 @@ def test_model_folder_is_complete(trained_model: Path):
     assert resolved["TrainingArguments"]["lr_scheduler_type"] == "cosine"
 
 
-def test_eval_results(trained_model: Path):
+def test_eval_results(trained_model: Path, tiny_data: Path):
+    from hf_tumor.audit import run_audit
+
     results = json.loads((trained_model / "eval_results.json").read_text())
+    assert set(results["splits"]) == {"validation", "test", "clean_test"}
+    leaked = set(run_audit(tiny_data)["test_with_train_twin"]["paths"])
+    n_clean = sum(f"Testing/{c}/{p.name}" not in leaked for c in CLASSES for p in (tiny_data / "Testing" / c).iterdir())
+    assert results["splits"]["clean_test"]["num_images"] == n_clean
+    for split in ("test", "clean_test"):
+        r = results["splits"][split]
+        assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1]
+        assert set(r["calibration"]) == {"ece_before", "ece_after", "nll_before", "nll_after"}
+        assert 0 <= r["nn_baseline"]["accuracy"] <= 1
+    # the fitted temperature is folded into the saved weights and recorded in the config
+    config = json.loads((trained_model / "config.json").read_text())
+    assert config.get("calibration_temperature", 1.0) == pytest.approx(results["temperature"])
+    for png in ("confusion_matrix_clean.png", "reliability_diagram.png"):
+        assert (trained_model / png).stat().st_size > 1000
     test = results["splits"]["test"]
     assert test["num_images"] == 16
     assert 0 <= test["accuracy"] <= 1 and 0 <= test["f1_macro"] <= 1

@@ -1,0 +1,282 @@
+"""Model card rendering, packaging of a model folder, and pushing model and Space to the Hub.
+
+Nothing here touches the network until ``push`` is called without ``dry_run``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger("hf_tumor")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CARD_TEMPLATE = REPO_ROOT / "model_card.md"
+SPACE_DIR = REPO_ROOT / "space"
+KAGGLE_ID = "masoudnickparvar/brain-tumor-mri-dataset"
+# what a Hub model repo needs; checkpoints, optimizer states and logs stay behind
+MODEL_FILES = ("config.json", "model.safetensors", "README.md", "eval_results.json", "train_args.json",
+               "train_results.json", "validation_results.json", "trainer_state.json", "training_curves.png",
+               "confusion_matrix.png", "confusion_matrix_clean.png", "reliability_diagram.png")
+
+
+class PushError(RuntimeError):
+    """A push that cannot start (no token, no network); raised before anything is uploaded."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _with_ci(split: dict[str, Any], key: str) -> str:
+    low, high = split[f"{key}_ci95"]
+    return f"{_pct(split[key])} ({_pct(low)} to {_pct(high)})"
+
+
+def _reproduce_command(args: dict[str, Any]) -> str:
+    if args.get("command"):
+        return args["command"]
+    flags = []
+    for group in ("DataArguments", "ModelArguments", "AugmentConfig"):
+        for key, value in args.get(group, {}).items():
+            if value is not None and key not in ("data_dir",):
+                flags.append(f"--{key} {value}")
+    training = args.get("TrainingArguments", {})
+    for key in ("num_train_epochs", "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler_type",
+                "label_smoothing_factor", "per_device_train_batch_size", "seed", "bf16"):
+        if key in training:
+            flags.append(f"--{key} {training[key]}")
+    return "hf-tumor train --data_dir DATA " + " ".join(flags)
+
+
+def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardData, dict[str, Any]]:
+    """Card metadata and template variables, all read from the files training and evaluation wrote."""
+    model_dir = Path(model_dir)
+    config = _read_json(model_dir / "config.json")
+    args = _read_json(model_dir / "train_args.json")
+    state = _read_json(model_dir / "trainer_state.json")
+    train = _read_json(model_dir / "train_results.json")
+    results = _read_json(model_dir / "eval_results.json")
+    if not config or not results:
+        raise FileNotFoundError(f"{model_dir} needs config.json and eval_results.json (run hf-tumor evaluate first)")
+    splits, audit = results["splits"], results["audit"]
+    model_args = args.get("ModelArguments", {})
+    training = args.get("TrainingArguments", {})
+    init = model_args.get("init", "unknown")
+    architecture = config["architecture"]
+    base_model = None
+    if init == "imagenet":
+        base_model = timm.models.get_pretrained_cfg(architecture).hf_hub_id or None
+
+    eval_results = []
+    for split, name in (("test", "official test"), ("clean_test", "leak-free test")):
+        if split in splits:
+            for metric, value in (("accuracy", splits[split]["accuracy"]), ("f1", splits[split]["f1_macro"])):
+                if split == "clean_test" and metric == "f1":
+                    continue
+                eval_results.append(EvalResult(
+                    task_type="image-classification", dataset_type=KAGGLE_ID, dataset_name=f"Brain Tumor MRI ({name})",
+                    dataset_split=split, metric_type=metric, metric_value=round(value, 4),
+                    metric_name=f"{'Accuracy' if metric == 'accuracy' else 'Macro F1'} ({name})",
+                ))
+    card_data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
+        tags=["timm", "medical", "brain-mri", "mri", "image-classification", "hf-tumor"],
+        datasets=[KAGGLE_ID], metrics=["accuracy", "f1"], base_model=base_model,
+        model_name=repo_id.split("/")[-1], eval_results=eval_results,
+    )
+
+    total_test = audit["num_images"]["test"]
+    pretrained = config["pretrained_cfg"]
+    hyperparameters = [
+        ("architecture", architecture), ("initial weights", init), ("image size", pretrained["input_size"][-1]),
+        ("epochs (max)", training.get("num_train_epochs")), ("batch size", training.get("per_device_train_batch_size")),
+        ("optimizer", training.get("optim")), ("learning rate", training.get("learning_rate")),
+        ("schedule", f"{training.get('lr_scheduler_type')}, {training.get('warmup_steps')} warmup steps"),
+        ("weight decay", training.get("weight_decay")), ("label smoothing", training.get("label_smoothing_factor")),
+        ("dropout", config.get("model_args", {}).get("drop_rate")), ("bf16 autocast", training.get("bf16")),
+        ("early stopping patience", model_args.get("early_stopping_patience")),
+        ("augmentation", ", ".join(f"{k} {v}" for k, v in args.get("AugmentConfig", {}).items())),
+        ("seed", training.get("seed")),
+    ]
+    best_step = (state.get("best_model_checkpoint") or "").rsplit("-", 1)[-1] or "?"
+    eval_rows = [
+        {"name": label, "n": splits[s]["num_images"], "accuracy": _with_ci(splits[s], "accuracy"),
+         "f1": _with_ci(splits[s], "f1_macro"), "nn": _pct(splits[s]["nn_baseline"]["accuracy"])}
+        for s, label in (("test", "official test"), ("clean_test", "leak-free test")) if s in splits
+    ]
+    per_class_split = "clean_test" if "clean_test" in splits else "test"
+    per_class_rows = [
+        {"name": name, "precision": _pct(v["precision"]), "recall": _pct(v["recall"]), "f1": _pct(v["f1"]),
+         "support": v["support"]}
+        for name, v in splits[per_class_split]["per_class"].items()
+    ]
+    calibration_rows = [
+        {"name": s, **{k: f"{v:.4f}" for k, v in splits[s]["calibration"].items()}} for s in splits
+    ]
+    wall = train.get("train_wall_seconds") or train.get("train_runtime")
+    variables = {
+        "model_name": repo_id.split("/")[-1], "repo_id": repo_id, "architecture": architecture,
+        "init_description": {"scratch": "trained from scratch", "imagenet": "fine-tuned from ImageNet weights"}.get(
+            init, f"initialised from {init}"),
+        "class_names": results["class_names"], "image_size": pretrained["input_size"][-1],
+        "mean": [round(m, 4) for m in pretrained["mean"]], "std": [round(s, 4) for s in pretrained["std"]],
+        "temperature": results.get("temperature", 1.0),
+        "num_train_total": audit["num_images"]["train"],
+        "validation_pct": round(100 * args.get("DataArguments", {}).get("validation_fraction", 0.15)),
+        "leaked": audit["test_with_train_twin"], "num_test_total": total_test,
+        "leaked_pct": f"{100 * audit['test_with_train_twin'] / max(total_test, 1):.1f}",
+        "audit_measure": audit["measure"], "audit_threshold": audit["threshold"], "exact_twins": audit.get("exact_test_twins"),
+        "clean_count": audit["clean_test"], "hyperparameters": hyperparameters,
+        "hardware": args.get("hardware", "not recorded"),
+        "wall_time": f"{wall / 60:.0f} min" if wall else "not recorded",
+        "throughput": f"{train['train_samples_per_second']:.1f}" if "train_samples_per_second" in train else "?",
+        "epochs_run": round(state.get("epoch", 0), 1), "steps": state.get("global_step"),
+        "best_metric": state.get("best_metric") or 0.0, "best_step": best_step,
+        "eval_rows": eval_rows, "per_class_split": {"clean_test": "leak-free test", "test": "official test"}[per_class_split],
+        "per_class_rows": per_class_rows, "calibration_rows": calibration_rows,
+        "command": _reproduce_command(args),
+    }
+    return card_data, variables
+
+
+def render_model_card(model_dir: str | os.PathLike, repo_id: str, template: Path = CARD_TEMPLATE) -> ModelCard:
+    """Render ``model_card.md`` for a model folder and write it there as README.md."""
+    card_data, variables = card_inputs(model_dir, repo_id)
+    card = ModelCard.from_template(card_data, template_path=str(template), **variables)
+    (Path(model_dir) / "README.md").write_text(str(card))
+    return card
+
+
+def package_model(run_dir: str | os.PathLike, dest: str | os.PathLike, repo_id: str, half: bool = True) -> Path:
+    """Copy what a Hub model repo needs from a training run, weights in fp16 and in timm's key layout.
+
+    timm-style keys (no ``timm_model.`` prefix) load in transformers (``from_pretrained``/``pipeline``)
+    and in ``timm.create_model("hf-hub:...")`` alike; ``config.json`` keeps ``dtype: float32`` so that
+    both upcast on load and compute in fp32 on a CPU.
+    """
+    run_dir, dest = Path(run_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        if name not in ("model.safetensors", "README.md") and (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, dest / name)
+    state = load_file(str(run_dir / "model.safetensors"))
+    state = {
+        k.removeprefix("timm_model."): (v.half() if half and v.is_floating_point() else v).contiguous()
+        for k, v in state.items()
+    }
+    partial = dest / "model.safetensors.partial"
+    save_file(state, str(partial), metadata={"format": "pt"})
+    partial.chmod(0o644)
+    os.replace(partial, dest / "model.safetensors")
+    config = _read_json(dest / "config.json")
+    config["dtype"] = "float32"
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    render_model_card(dest, repo_id)
+    return dest
+
+
+@dataclass
+class PushPlan:
+    """What a push uploads: files per repo, relative to their folders."""
+
+    model_repo: str
+    model_files: list[str]
+    space_repo: str | None = None
+    space_files: list[str] | None = None
+
+
+def plan_push(model_dir: Path, repo_id: str, space_id: str | None) -> PushPlan:
+    model_files = [name for name in MODEL_FILES if (model_dir / name).is_file()]
+    space_files = None
+    if space_id:
+        space_files = sorted(
+            str(p.relative_to(SPACE_DIR)) for p in SPACE_DIR.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+        )
+    return PushPlan(repo_id, model_files, space_id, space_files)
+
+
+def stage_space(dest: Path, repo_id: str) -> Path:
+    """The Space repo's files: ``space/`` plus the ``hf_tumor`` package it imports, pointed at ``repo_id``."""
+    shutil.copytree(SPACE_DIR, dest, ignore=shutil.ignore_patterns("__pycache__", ".*"), dirs_exist_ok=True)
+    shutil.copytree(REPO_ROOT / "hf_tumor", dest / "hf_tumor", ignore=shutil.ignore_patterns("__pycache__"),
+                    dirs_exist_ok=True)
+    readme = dest / "README.md"
+    if readme.is_file():  # the Spaces header names the model it serves
+        readme.write_text(readme.read_text().replace("HF_TUMOR_MODEL_REPO", repo_id))
+    return dest
+
+
+def _resolve_token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or os.environ.get("HF_TOKEN") or get_token()
+    if not token:
+        raise PushError("No Hugging Face token: set HF_TOKEN or run `hf auth login`. Nothing was uploaded.")
+    return token
+
+
+def push(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    space_id: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: str | os.PathLike | None = None,
+    token: str | None = None,
+) -> PushPlan:
+    """Package ``model_dir`` (fp16 weights, rendered card) and upload it, and ``space/`` with ``space_id``.
+
+    With ``dry_run`` the exact files are written under ``dry_run/model`` and ``dry_run/space`` and
+    nothing touches the network. Token and connectivity are checked before any upload starts.
+    """
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory(prefix="hf-tumor-push-") as tmp:
+        staged_model = package_model(model_dir, Path(tmp) / "model", repo_id)
+        staged_space = stage_space(Path(tmp) / "space", repo_id) if space_id else None
+        plan = plan_push(staged_model, repo_id, space_id)
+        if staged_space is not None:
+            plan.space_files = sorted(str(p.relative_to(staged_space)) for p in staged_space.rglob("*") if p.is_file())
+        if dry_run is not None:
+            out = Path(dry_run)
+            shutil.copytree(staged_model, out / "model", dirs_exist_ok=True)
+            if staged_space is not None:
+                shutil.copytree(staged_space, out / "space", dirs_exist_ok=True)
+            return plan
+
+        api = HfApi(token=_resolve_token(token))
+        try:
+            user = api.whoami()["name"]
+        except Exception as err:
+            raise PushError(f"Cannot use the Hub ({type(err).__name__}); check the network and the token. "
+                            "Nothing was uploaded.") from None
+        logger.info("pushing as %s to %s", user, repo_id)
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, repo_type="model", branch=revision, exist_ok=True)
+        api.upload_folder(folder_path=str(staged_model), repo_id=repo_id, repo_type="model", revision=revision,
+                          allow_patterns=plan.model_files, commit_message="Upload hf-tumor model")
+        if staged_space is not None:
+            api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+            api.upload_folder(folder_path=str(staged_space), repo_id=space_id, repo_type="space",
+                              commit_message="Upload hf-tumor Space")
+            api.add_space_variable(space_id, "HF_TUMOR_MODEL", repo_id)
+    return plan

@@ -1,0 +1,160 @@
+"""The Space's functions on real slices and on every kind of bad upload; the app served and called over HTTP."""
+
+from __future__ import annotations
+
+import io
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from conftest import CLASSES, REPO, real_images
+from hf_tumor.app import MAX_UPLOAD_BYTES, Classifier, InputError, batch_rows, image_checks, overlay, read_upload
+
+
+def _save(image: PIL.Image.Image, path: Path, **kwargs) -> Path:
+    image.save(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slice_image() -> PIL.Image.Image:
+    return PIL.Image.open(real_images("Testing", "meningioma", 1)[0])
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _dicom(path: Path, with_pixels: bool) -> Path:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR image storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality = "MR"
+    if with_pixels:
+        pixels = (np.asarray(PIL.Image.open(real_images("Testing", "glioma", 1)[0]).convert("L"), np.uint16) * 16)
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels.tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+GOOD = {
+    "jpeg": lambda d, im: Path(real_images("Testing", "meningioma", 1)[0]),
+    "rgba png": lambda d, im: _save(im.convert("RGBA"), d / "rgba.png"),
+    "palette png": lambda d, im: _save(im.convert("P"), d / "p.png"),
+    "cmyk jpeg": lambda d, im: _save(im.convert("CMYK"), d / "cmyk.jpg"),
+    "16-bit png": lambda d, im: _save(PIL.Image.fromarray(np.asarray(im.convert("L"), np.uint16) * 257), d / "16.png"),
+    "animated gif": lambda d, im: _save(im.convert("P"), d / "a.gif", save_all=True, append_images=[im.convert("P").rotate(90)]),
+    "dicom": lambda d, im: _dicom(d / "slice.dcm", with_pixels=True),
+}
+
+BAD = {
+    "empty": (lambda d: _write(d / "e.jpg", b""), "empty"),
+    "text named jpg": (lambda d: _write(d / "t.jpg", b"hello"), "not an image"),
+    "pdf": (lambda d: _write(d / "doc.pdf", b"%PDF-1.4\n%...\n"), "PDF"),
+    "truncated jpeg": (lambda d: _write(d / "tr.jpg", real_images("Testing", "glioma", 1)[0].read_bytes()[:2000]),
+                       "truncated or corrupt"),
+    "1x1": (lambda d: _save(PIL.Image.new("L", (1, 1)), d / "one.png"), "at least"),
+    "bomb": (lambda d: _save(PIL.Image.new("1", (20000, 20000)), d / "bomb.png"), "pixels"),
+    "dicom without pixels": (lambda d: _dicom(d / "nopix.dcm", with_pixels=False), "no pixel data"),
+    "too large": (lambda d: _write(d / "big.png", b"\x89PNG" + b"\0" * (MAX_UPLOAD_BYTES + 10)), "limit"),
+}
+
+
+@pytest.mark.parametrize("kind", GOOD)
+def test_readable_formats_become_rgb(kind, tmp_path, slice_image):
+    image = read_upload(GOOD[kind](tmp_path, slice_image))
+    assert image.mode == "RGB" and min(image.size) >= 32
+    assert np.asarray(image).std() > 5  # real content, not a blank conversion
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_uploads_get_clear_messages(kind, tmp_path):
+    make, expected = BAD[kind]
+    path = make(tmp_path)
+    assert path.stat().st_size < 50_000 or kind == "too large"  # the bomb is a few KB on disk
+    with pytest.raises(InputError, match=expected):
+        read_upload(path)
+
+
+def test_exif_rotation_is_applied(tmp_path, slice_image):
+    wide = slice_image.convert("RGB").resize((300, 200))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    wide.save(tmp_path / "rot.jpg", exif=exif)
+    assert read_upload(tmp_path / "rot.jpg").size == (200, 300)
+
+
+def test_image_checks_flag_non_mri_images(slice_image):
+    from sklearn.datasets import load_sample_image
+
+    assert image_checks(slice_image) == []
+    assert any("colour" in r for r in image_checks(PIL.Image.fromarray(load_sample_image("china.jpg"))))
+    assert any("blank" in r for r in image_checks(PIL.Image.new("RGB", (200, 200), (240, 240, 240))))
+    page = PIL.Image.new("L", (400, 500), 255)
+    from PIL import ImageDraw
+    ImageDraw.Draw(page).text((20, 20), "Patient report\n" * 20, fill=0)
+    assert image_checks(page)  # a white document has no dark background
+
+
+@pytest.mark.slow
+def test_classifier_probabilities_cam_and_batch(trained_model, slice_image, tmp_path):
+    classifier = Classifier(trained_model)
+    result = classifier.predict(slice_image.convert("RGB"))
+    assert list(result.probabilities) == CLASSES
+    assert abs(sum(result.probabilities.values()) - 1) < 1e-5
+    assert result.cam.shape == (64, 64) and 0 <= result.cam.min() and result.cam.max() <= 1
+    blended = overlay(slice_image.convert("RGB"), result.cam, opacity=0.5)
+    shown = slice_image.copy()
+    shown.thumbnail((512, 512))
+    assert blended.shape == (shown.height, shown.width, 3) and blended.dtype == np.uint8
+    assert not np.array_equal(blended, overlay(slice_image.convert("RGB"), result.cam, opacity=0.0))
+    (tmp_path / "junk.jpg").write_text("junk")
+    rows, text = batch_rows(classifier, [str(real_images("Testing", "glioma", 1)[0]), str(tmp_path / "junk.jpg")])
+    assert rows[0][1] in CLASSES and "not an image" in rows[1][-1]
+    assert text.splitlines()[0] == ",".join(["file", "label", *CLASSES, "note"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_app_over_http(trained_model, tmp_path):
+    from gradio_client import Client, handle_file
+
+    sys.path.insert(0, str(REPO / "space"))
+    from app import build_demo
+
+    demo = build_demo(Classifier(trained_model))
+    demo.queue(max_size=8, default_concurrency_limit=1)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        label, _heatmap, message = client.predict(
+            handle_file(str(real_images("Testing", "pituitary", 1)[0])), api_name="/classify")
+        assert label["label"] in CLASSES and "Predicted" in message
+        bad = tmp_path / "notes.jpg"
+        bad.write_text("not an image")
+        with pytest.raises(Exception, match="not an image"):
+            client.predict(handle_file(str(bad)), api_name="/classify")
+        # still serving after the bad request
+        label, *_ = client.predict(handle_file(str(real_images("Testing", "glioma", 1)[0])), api_name="/classify")
+        assert label["label"] in CLASSES
+    finally:
+        demo.close()
