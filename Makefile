@@ -1,4 +1,4 @@
-# hf-tumor: `make train` (set up, train and evaluate), `make test` (set up, run the tests).
+# hf-tumor: `make app` (set up, serve the bundled model), `make test` (set up, run the tests), `make train`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ OUT ?= runs/reference
 # The torch build this project is tested with; override for another CUDA/CPU build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup train test clean
+.PHONY: setup train test app clean
 
 setup: $(VENV)/.installed
 
@@ -27,3 +27,6 @@ test: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+app: setup
+	$(BIN)/python space/app.py

@@ -18,23 +18,16 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from hf_tumor.model import class_names_of, load_model
+from hf_tumor.model import class_names_of, default_model, load_model
 from hf_tumor.preprocessing import create_eval_transform
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 50_000_000  # a 7,000 x 7,000 image; anything larger is refused before decoding
 MIN_SIDE = 32
-MODEL_ENV = "HF_TUMOR_MODEL"
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "resnetv2_50-scratch-128"
 
 
 class InputError(ValueError):
     """An upload that cannot be classified; the message is shown to the user as is."""
-
-
-def default_model() -> str:
-    """``$HF_TUMOR_MODEL`` (Hub id or folder), else the model bundled in this repository."""
-    return os.environ.get(MODEL_ENV) or str(BUNDLED_MODEL)
 
 
 # --------------------------------------------------------------------------- reading uploads

@@ -61,13 +61,14 @@ def _audit(argv: Sequence[str]) -> int:
 def _predict(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="hf-tumor predict", description="Classify MRI slice image files.")
     parser.add_argument("images", nargs="+", help="Image files (JPEG, PNG, ...).")
-    parser.add_argument("--model", required=True, help="Model folder or Hub repo id.")
+    parser.add_argument("--model", help="Model folder or Hub repo id (default: $HF_TUMOR_MODEL, else the bundled model).")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin.")
     parser.add_argument("--json", action="store_true", help="One JSON object per line.")
     args = parser.parse_args(argv)
     from hf_tumor.inference import load_pipeline, predict_files
+    from hf_tumor.model import default_model
 
-    predictions = predict_files(load_pipeline(args.model, args.revision), args.images)
+    predictions = predict_files(load_pipeline(args.model or default_model(), args.revision), args.images)
     for p in predictions:
         if args.json:
             print(json.dumps({"path": p.path, "label": p.label, "probabilities": p.probabilities, "error": p.error}))

@@ -19,6 +19,7 @@ from hf_tumor.app import (  # noqa: E402
     Classifier,
     InputError,
     batch_rows,
+    default_model,
     model_summary,
     overlay,
     read_upload,
@@ -99,7 +100,11 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
 
 
 def main() -> None:
-    classifier = Classifier()
+    try:
+        classifier = Classifier()
+    except OSError as err:
+        sys.exit(f"Cannot load the model '{default_model()}' ({type(err).__name__}). Set HF_TUMOR_MODEL to a "
+                 "model folder or a Hub repo id, or train one with `make train`.")
     print(f"model: {classifier.source}", flush=True)
     demo = build_demo(classifier)
     demo.queue(max_size=32, default_concurrency_limit=2)  # bounded: a full queue is refused, not grown

@@ -83,3 +83,23 @@ def test_wrong_architecture_checkpoint_is_an_error(tmp_path):
     save_file({"foo.weight": torch.zeros(3)}, tmp_path / "other.safetensors")
     with pytest.raises(ModelInitError, match="does not fit"):
         create_model("resnetv2_50", CLASSES, 64, init=str(tmp_path / "other.safetensors"))
+
+
+def test_precise_bn_replaces_running_stats_by_the_exact_average():
+    from hf_tumor.training import recompute_batchnorm_stats
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, pixel_values):
+            return self.bn(pixel_values)
+
+    model = Tiny().eval()
+    model.bn.running_mean.fill_(7.0)  # stale statistics
+    batches = [torch.randn(4, 3, 8, 8) * 2 + 3 for _ in range(5)]
+    assert recompute_batchnorm_stats(model, batches) == 20
+    expected = torch.cat(batches).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(model.bn.running_mean, expected, rtol=1e-4, atol=1e-4)
+    assert model.bn.momentum == 0.1 and not model.training
