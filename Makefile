@@ -8,7 +8,7 @@ OUT ?= runs/reference
 # The torch build this project is tested with; override for another CUDA/CPU build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup train test app clean
+.PHONY: setup train test app browser clean
 
 setup: $(VENV)/.installed
 
@@ -30,3 +30,7 @@ clean:
 
 app: setup
 	$(BIN)/python space/app.py
+
+# Debian's chromium for the browser test (Playwright drives it; it never downloads a browser of its own).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)

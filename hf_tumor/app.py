@@ -235,3 +235,43 @@ def model_summary(source: str) -> dict[str, Any]:
         return {}
     splits = json.loads(results_file.read_text())["splits"]
     return {name: splits[name]["accuracy"] for name in ("test", "clean_test") if name in splits}
+
+
+def non_mri_images(seed: int = 0) -> dict[str, PIL.Image.Image]:
+    """Images that are not brain MRI slices, all available offline: scikit-learn's sample photos,
+    synthetic documents, noise, blank and colour images. Used to measure the out-of-distribution check."""
+    from PIL import ImageDraw
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(seed)
+    images = {name: PIL.Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")}
+    for name in ("china.jpg", "flower.jpg"):
+        images[f"gray {name}"] = images[name].convert("L")
+    for i in range(3):
+        page = PIL.Image.new("L", (420, 560), 255)
+        draw = ImageDraw.Draw(page)
+        for line in range(25):
+            draw.text((24, 20 + 21 * line), " ".join("lorem ipsum dolor" for _ in range(rng.integers(1, 4))), fill=0)
+        images[f"document {i}"] = page
+        images[f"gray noise {i}"] = PIL.Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8))
+        images[f"colour noise {i}"] = PIL.Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    images["blank white"] = PIL.Image.new("RGB", (256, 256), (255, 255, 255))
+    images["blank black"] = PIL.Image.new("RGB", (256, 256), (0, 0, 0))
+    gradient = np.linspace(0, 255, 256, dtype=np.uint8)
+    red, green = np.meshgrid(gradient, gradient)
+    images["colour gradient"] = PIL.Image.fromarray(np.stack([red, green, 255 - red], -1))
+    return images
+
+
+def ood_report(classifier: Classifier, mri_paths: list[str]) -> dict[str, Any]:
+    """Share of real MRI slices wrongly flagged, and of non-MRI images caught, by the app's checks."""
+    flagged = [bool(classifier.predict(read_upload(p)).flags) for p in mri_paths]
+    caught = {name: bool(classifier.predict(image.convert("RGB")).flags) for name, image in non_mri_images().items()}
+    return {
+        "mri_images": len(mri_paths),
+        "mri_wrongly_flagged": float(np.mean(flagged)) if flagged else None,
+        "non_mri_images": len(caught),
+        "non_mri_caught": float(np.mean(list(caught.values()))),
+        "non_mri_missed": sorted(name for name, hit in caught.items() if not hit),
+        "energy_threshold": classifier.energy_threshold,
+    }

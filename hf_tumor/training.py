@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -193,9 +194,9 @@ def compute_metrics_for(class_names: list[str]):
     return compute
 
 
-def save_resolved_args(output_dir: Path, *groups: Any) -> None:
+def save_resolved_args(output_dir: Path, argv: Sequence[str], *groups: Any) -> None:
     """The arguments this run actually used, for the model card and for reproducing it."""
-    resolved: dict[str, Any] = {}
+    resolved: dict[str, Any] = {"command": "hf-tumor train " + " ".join(shlex.quote(a) for a in argv)}
     for group in groups:
         values = group.to_dict() if isinstance(group, TrainingArguments) else dataclasses.asdict(group)
         resolved[type(group).__name__] = values
@@ -227,6 +228,7 @@ def setup_logging(training_args: TrainingArguments | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Train a model folder from the command line; returns its path."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     data_args, model_args, augment, training_args = parse_args(argv)
     setup_logging(training_args)
     transformers.set_seed(training_args.seed)
@@ -285,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         trainer.save_metrics("train", metrics)
         trainer.save_metrics("validation", validation_metrics)
         trainer.save_state()
-        save_resolved_args(output_dir, data_args, model_args, augment, training_args)
+        save_resolved_args(output_dir, argv, data_args, model_args, augment, training_args)
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         logger.info("model folder written to %s", output_dir)
         if data_args.evaluate_test:

@@ -1,6 +1,7 @@
 """hf-tumor Gradio Space: `python space/app.py` (local) or a Hugging Face Space (Gradio SDK).
 
 Environment: HF_TUMOR_MODEL (Hub id or folder; default: the model bundled in the repository),
+HF_TUMOR_REVISION (pin a Hub model to a branch, tag or commit),
 HF_TUMOR_EXAMPLES (a folder of example slices to show), HF_TUMOR_PORT (default 7860).
 """
 
@@ -34,8 +35,9 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
     summary = model_summary(classifier.source)
     card = (MODEL_CARD_URL.format(classifier.source) if not Path(classifier.source).exists()
             else "the model card (README.md in the model folder)")
-    figures = ", ".join(f"{name.replace('clean_test', 'leak-free test').replace('test', 'official test')}: "
-                        f"{value:.2%}" for name, value in summary.items()) if summary else "see the model card"
+    split_names = {"test": "official test", "clean_test": "leak-free test"}
+    figures = (", ".join(f"{split_names[name]}: {value:.2%}" for name, value in summary.items())
+               if summary else "see the model card")
 
     def classify(path: str | None):
         if path is None:
@@ -101,7 +103,7 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
 
 def main() -> None:
     try:
-        classifier = Classifier()
+        classifier = Classifier(revision=os.environ.get("HF_TUMOR_REVISION"))  # pin a Hub model's revision
     except OSError as err:
         sys.exit(f"Cannot load the model '{default_model()}' ({type(err).__name__}). Set HF_TUMOR_MODEL to a "
                  "model folder or a Hub repo id, or train one with `make train`.")

@@ -1,0 +1,36 @@
+"""The model shipped in models/: loads offline in fp32 from fp16 storage and classifies real slices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import pipeline
+
+from conftest import CLASSES, SHARED_DATA
+from hf_tumor.audit import run_audit
+from hf_tumor.model import BUNDLED_MODEL
+
+pytestmark = pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model yet")
+
+
+def test_bundled_folder_is_complete_and_small():
+    for name in ("config.json", "model.safetensors", "README.md", "eval_results.json", "confusion_matrix.png",
+                 "confusion_matrix_clean.png", "reliability_diagram.png", "training_curves.png"):
+        assert (BUNDLED_MODEL / name).is_file(), name
+    assert (BUNDLED_MODEL / "model.safetensors").stat().st_size < 50 * 2**20
+    config = json.loads((BUNDLED_MODEL / "config.json").read_text())
+    assert config["label_names"] == CLASSES and config["dtype"] == "float32"
+    assert "calibration_temperature" in config and "ood_energy_threshold" in config
+
+
+def test_plain_pipeline_classifies_leak_free_test_slices_in_fp32():
+    classify = pipeline("image-classification", model=str(BUNDLED_MODEL))
+    assert classify.model.dtype == torch.float32
+    clean = run_audit(SHARED_DATA)["clean_test"]["paths"]
+    # 8 leak-free test slices of each class (notumor has few), spread over the list
+    chosen = [p for c in CLASSES for p in [q for q in clean if f"/{c}/" in q][::5][:8]]
+    outputs = classify([str(SHARED_DATA / p) for p in chosen], top_k=1)
+    correct = sum(out[0]["label"] == p.split("/")[1] for out, p in zip(outputs, chosen))
+    assert correct / len(chosen) >= 0.85, f"{correct}/{len(chosen)}"
