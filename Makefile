@@ -1,4 +1,4 @@
-# hf-tumor: `make app` (set up, serve the bundled model), `make test` (set up, run the tests), `make train`.
+# hf-tumor: `make train` (set up, train, evaluate), `make test` (set up, run the tests), `make app` (serve a model).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -28,8 +28,13 @@ test: setup
 clean:
 	rm -rf $(VENV) .pytest_cache
 
+# The app serves HF_TUMOR_MODEL if set, else the bundled model if the repository has one, else the
+# model `make train` writes.
+BUNDLED := models/resnetv2_50-scratch-128
+MODEL ?= $(or $(HF_TUMOR_MODEL),$(if $(wildcard $(BUNDLED)/config.json),$(BUNDLED),$(OUT)))
+
 app: setup
-	$(BIN)/python space/app.py
+	HF_TUMOR_MODEL=$(MODEL) $(BIN)/python space/app.py
 
 # Debian's chromium for the browser test (Playwright drives it; it never downloads a browser of its own).
 browser:

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = COMMANDS[argv[0]][0], argv[1:]
     try:
         return command(rest)
-    except (DataError, ModelInitError, PushError, FileNotFoundError) as err:
+    except (DataError, ModelInitError, PushError, OSError) as err:  # OSError: missing files, unloadable models
         print(f"hf-tumor {argv[0]}: error: {err}", file=sys.stderr)
         return 2
 
