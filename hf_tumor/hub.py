@@ -200,15 +200,8 @@ class PushPlan:
     space_files: list[str] | None = None
 
 
-def plan_push(model_dir: Path, repo_id: str, space_id: str | None) -> PushPlan:
-    model_files = [name for name in MODEL_FILES if (model_dir / name).is_file()]
-    space_files = None
-    if space_id:
-        space_files = sorted(
-            str(p.relative_to(SPACE_DIR)) for p in SPACE_DIR.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
-        )
-    return PushPlan(repo_id, model_files, space_id, space_files)
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
 def stage_space(dest: Path, repo_id: str) -> Path:
@@ -252,9 +245,7 @@ def push(
     with tempfile.TemporaryDirectory(prefix="hf-tumor-push-") as tmp:
         staged_model = package_model(model_dir, Path(tmp) / "model", repo_id)
         staged_space = stage_space(Path(tmp) / "space", repo_id) if space_id else None
-        plan = plan_push(staged_model, repo_id, space_id)
-        if staged_space is not None:
-            plan.space_files = sorted(str(p.relative_to(staged_space)) for p in staged_space.rglob("*") if p.is_file())
+        plan = PushPlan(repo_id, _files(staged_model), space_id, _files(staged_space) if staged_space else None)
         if dry_run is not None:
             out = Path(dry_run)
             shutil.copytree(staged_model, out / "model", dirs_exist_ok=True)
