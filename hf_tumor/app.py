@@ -140,7 +140,7 @@ class Result:
 
     probabilities: dict[str, float]
     label: str
-    cam: np.ndarray  # Grad-CAM of the predicted class in [0, 1], at the model's input size
+    cam: np.ndarray | None  # Grad-CAM of the predicted class in [0, 1], at the model's input size
     energy: float
     flags: list[str] = field(default_factory=list)
 
@@ -162,8 +162,8 @@ class Classifier:
         self.energy_threshold = getattr(self.model.config, "ood_energy_threshold", None)
         self._cam = GradCAM(model=_LogitsOnly(self.model), target_layers=[self.model.timm_model.norm])
 
-    def predict(self, image: PIL.Image.Image) -> Result:
-        """Probabilities, Grad-CAM and out-of-distribution checks for one RGB image."""
+    def predict(self, image: PIL.Image.Image, with_cam: bool = True) -> Result:
+        """Probabilities, Grad-CAM (unless ``with_cam`` is False) and out-of-distribution checks for one RGB image."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         x = self.transform(image).unsqueeze(0)
@@ -171,7 +171,8 @@ class Classifier:
             logits = self.model(pixel_values=x).logits[0].float()
         probs = torch.softmax(logits, -1).tolist()
         index = int(np.argmax(probs))
-        cam = self._cam(input_tensor=x, targets=[ClassifierOutputTarget(index)])[0]
+        # Grad-CAM costs a second forward and a backward pass: only when a heatmap is shown
+        cam = self._cam(input_tensor=x, targets=[ClassifierOutputTarget(index)])[0] if with_cam else None
         energy = -float(torch.logsumexp(logits, 0))
         flags = image_checks(image)
         if self.energy_threshold is not None and energy > self.energy_threshold:
@@ -215,7 +216,7 @@ def batch_rows(classifier: Classifier, paths: list[str]) -> tuple[list[list[Any]
     for path in paths:
         name = Path(path).name
         try:
-            result = classifier.predict(read_upload(path))
+            result = classifier.predict(read_upload(path), with_cam=False)
             note = "" if result.trusted else "not like an MRI slice: " + "; ".join(result.flags)
             rows.append([name, result.label if result.trusted else "", *(round(result.probabilities[c], 4)
                                                                            for c in classifier.class_names), note])
@@ -265,8 +266,9 @@ def non_mri_images(seed: int = 0) -> dict[str, PIL.Image.Image]:
 
 def ood_report(classifier: Classifier, mri_paths: list[str]) -> dict[str, Any]:
     """Share of real MRI slices wrongly flagged, and of non-MRI images caught, by the app's checks."""
-    flagged = [bool(classifier.predict(read_upload(p)).flags) for p in mri_paths]
-    caught = {name: bool(classifier.predict(image.convert("RGB")).flags) for name, image in non_mri_images().items()}
+    flagged = [bool(classifier.predict(read_upload(p), with_cam=False).flags) for p in mri_paths]
+    caught = {name: bool(classifier.predict(image.convert("RGB"), with_cam=False).flags)
+              for name, image in non_mri_images().items()}
     return {
         "mri_images": len(mri_paths),
         "mri_wrongly_flagged": float(np.mean(flagged)) if flagged else None,

@@ -146,18 +146,20 @@ def evaluate_model(
     data_dir: str | os.PathLike | None = None,
     batch_size: int = 32,
     calibrate: bool = True,
+    audit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model_dir``; write eval_results.json and PNGs there; fold the fitted temperature in.
 
     Validation is rebuilt exactly as in training (same seed, fraction, subset and near-duplicate
-    groups, read from train_args.json) and used only to fit the temperature.
+    groups, read from train_args.json) and used only to fit the temperature. ``audit`` is the
+    report of ``run_audit(data_dir)`` when the caller has it already.
     """
     model_dir = Path(model_dir)
     model = load_model(model_dir)
     pretrained_cfg = model.config.pretrained_cfg
     class_names = class_names_of(model.config)
     data_dir = resolve_data_dir(data_dir)
-    audit = run_audit(data_dir)
+    audit = audit or run_audit(data_dir)
     settings = _training_split_settings(model_dir)
     splits = load_splits(
         data_dir, pretrained_cfg, settings["validation_fraction"], settings["seed"],

@@ -239,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     with training_args.main_process_first(desc="audit, decode and cache the images"):
         # near-duplicate groups stay on one side of the train/validation split, so that model
         # selection does not reward memorising copies
-        groups = train_groups(run_audit(data_dir), data_dir)
+        audit = run_audit(data_dir)
+        groups = train_groups(audit, data_dir)
         splits = load_splits(
             data_dir, pretrained_cfg, data_args.validation_fraction, training_args.seed,
             groups=groups, limit_per_class=data_args.limit_per_class,
@@ -291,5 +292,5 @@ def main(argv: Sequence[str] | None = None) -> Path:
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         logger.info("model folder written to %s", output_dir)
         if data_args.evaluate_test:
-            evaluate_model(output_dir, data_dir)
+            evaluate_model(output_dir, data_dir, audit=audit)
     return output_dir
