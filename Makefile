@@ -1,4 +1,5 @@
-# hf-tumor: `make train` (set up, train, evaluate), `make test` (set up, run the tests), `make app` (serve a model).
+# hf-tumor: `make app` (set up, serve the bundled model), `make test` (set up, run the tests),
+# `make train` (set up, train and evaluate the reference model), `make export`, `make bench`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ OUT ?= runs/reference
 # The torch build this project is tested with; override for another CUDA/CPU build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup train test app browser clean
+.PHONY: setup train test app export bench browser clean
 
 setup: $(VENV)/.installed
 
@@ -34,7 +35,18 @@ BUNDLED := models/resnetv2_50-scratch-128
 MODEL ?= $(or $(HF_TUMOR_MODEL),$(if $(wildcard $(BUNDLED)/config.json),$(BUNDLED),$(OUT)))
 
 app: setup
-	HF_TUMOR_MODEL=$(MODEL) $(BIN)/python space/app.py
+	HF_TUMOR_MODEL=$(MODEL) GRADIO_ANALYTICS_ENABLED=False $(BIN)/python space/app.py
+
+# ONNX fp32 + int8 files beside the weights, with their parity check on the whole Testing split.
+export: setup
+	$(BIN)/hf-tumor export --model $(MODEL) --quantize int8 --data_dir $(DATA)
+
+# Every benchmark, on an idle machine; each writes its JSON under benchmarks/.
+bench: setup
+	$(BIN)/python scripts/bench_inference.py --model $(MODEL) --data_dir $(DATA)
+	$(BIN)/python scripts/bench_train.py --data_dir $(DATA)
+	$(BIN)/python scripts/bench_load.py --model $(MODEL) --data_dir $(DATA)
+	$(BIN)/python scripts/bench_ood.py --model $(MODEL) --data_dir $(DATA)
 
 # Debian's chromium for the browser test (Playwright drives it; it never downloads a browser of its own).
 browser:

@@ -1,4 +1,4 @@
-"""What the Gradio Space does, as plain functions: safe reading of uploads, prediction, Grad-CAM, checks.
+"""What the Gradio Space does, as plain functions: prediction, Grad-CAM, non-MRI checks, batch tables.
 
 ``space/app.py`` only lays out the UI and calls these; tests call them directly too.
 """
@@ -9,109 +9,20 @@ import csv
 import io
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 
-from hf_tumor.model import class_names_of, default_model, load_model
-from hf_tumor.preprocessing import create_eval_transform
-
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_PIXELS = 50_000_000  # a 7,000 x 7,000 image; anything larger is refused before decoding
-MIN_SIDE = 32
-
-
-class InputError(ValueError):
-    """An upload that cannot be classified; the message is shown to the user as is."""
-
-
-# --------------------------------------------------------------------------- reading uploads
-
-
-def _is_dicom(head: bytes, path: Path) -> bool:
-    return path.suffix.lower() == ".dcm" or head[128:132] == b"DICM"
-
-
-def _read_dicom(path: Path) -> PIL.Image.Image:
-    import pydicom
-    from pydicom.pixels import apply_voi_lut
-
-    try:
-        ds = pydicom.dcmread(str(path))
-    except Exception as err:
-        raise InputError(f"Not a readable DICOM file ({type(err).__name__}).") from None
-    if "PixelData" not in ds:
-        raise InputError("This DICOM file has no image (no pixel data).")
-    try:
-        pixels = ds.pixel_array
-    except Exception as err:
-        raise InputError(f"The DICOM pixel data cannot be decoded ({type(err).__name__}).") from None
-    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
-        pixels = pixels[pixels.shape[0] // 2]  # a multi-frame series: the middle slice
-    pixels = apply_voi_lut(pixels, ds) if pixels.ndim == 2 else pixels
-    return _to_8bit(np.asarray(pixels, dtype=np.float64))
-
-
-def _to_8bit(pixels: np.ndarray) -> PIL.Image.Image:
-    low, high = float(pixels.min()), float(pixels.max())
-    scaled = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
-    mode = "RGB" if scaled.ndim == 3 else "L"
-    return PIL.Image.fromarray(scaled.round().astype(np.uint8)[..., :3] if mode == "RGB" else scaled.round().astype(np.uint8), mode)
-
-
-def read_upload(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open an uploaded file as an upright RGB image, or raise InputError saying why not.
-
-    Handles JPEG/PNG/other PIL formats and DICOM; 16-bit, palette, CMYK, RGBA and animated images
-    are converted (first frame); EXIF rotation is applied. Files over MAX_UPLOAD_BYTES and images
-    over MAX_PIXELS are refused before their pixels are decoded, so a decompression bomb costs nothing.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("No file was received.")
-    size = path.stat().st_size
-    if size == 0:
-        raise InputError("The file is empty.")
-    if size > MAX_UPLOAD_BYTES:
-        raise InputError(f"The file is {size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB.")
-    with open(path, "rb") as f:
-        head = f.read(132)
-    if _is_dicom(head, path):
-        image = _read_dicom(path)
-    else:
-        if head.startswith(b"%PDF"):
-            raise InputError("This is a PDF document, not an image. Upload a JPEG, PNG or DICOM slice.")
-        try:
-            image = PIL.Image.open(path)  # reads the header only
-        except PIL.Image.DecompressionBombError:
-            raise InputError(f"The image is too large to process safely (over {MAX_PIXELS:,} pixels).") from None
-        except Exception:
-            raise InputError("This file is not an image that can be read (JPEG, PNG, DICOM and other common formats).") from None
-        if image.width * image.height > MAX_PIXELS:
-            raise InputError(
-                f"The image is {image.width:,} x {image.height:,} pixels; the limit is {MAX_PIXELS:,} pixels."
-            )
-        try:
-            image.seek(0)  # animated images: the first frame
-            image.load()
-        except Exception as err:
-            raise InputError(f"The image file is truncated or corrupt ({type(err).__name__}).") from None
-        image = PIL.ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            image = _to_8bit(np.asarray(image, dtype=np.float64))
-        elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = PIL.Image.new("RGBA", rgba.size, (0, 0, 0, 255))  # MRI background is black
-            image = PIL.Image.alpha_composite(background, rgba)
-    if min(image.size) < MIN_SIDE:
-        raise InputError(f"The image is {image.width} x {image.height} pixels; at least {MIN_SIDE} x {MIN_SIDE} is needed.")
-    return image.convert("RGB")
-
+from hf_tumor.calibration import softmax
+from hf_tumor.evaluation import energy_scores
+from hf_tumor.image_io import InputError, read_image
+from hf_tumor.inference import load_predictor
+from hf_tumor.model import LogitsOnly, default_model, load_model
 
 # --------------------------------------------------------------------------- is it an MRI slice?
 
@@ -150,45 +61,41 @@ class Result:
 
 
 class Classifier:
-    """The model loaded once, with the preprocessing from its config and a Grad-CAM on its last stage."""
+    """The model loaded once through ``load_predictor`` (fastest checked backend), plus a PyTorch copy
+    for Grad-CAM on its last stage (gradients need PyTorch, whatever backend gives the probabilities)."""
 
-    def __init__(self, model: str | os.PathLike | None = None, revision: str | None = None):
+    def __init__(self, model: str | os.PathLike | None = None, revision: str | None = None, backend: str = "auto"):
         from pytorch_grad_cam import GradCAM
 
-        self.source = str(model or default_model())
-        self.model = load_model(self.source, revision=revision)
-        self.class_names = class_names_of(self.model.config)
-        self.transform = create_eval_transform(self.model.config.pretrained_cfg)
-        self.energy_threshold = getattr(self.model.config, "ood_energy_threshold", None)
-        self._cam = GradCAM(model=_LogitsOnly(self.model), target_layers=[self.model.timm_model.norm])
+        self.predictor = load_predictor(model or default_model(), backend, revision)
+        self.source = self.predictor.source
+        self.class_names = self.predictor.class_names
+        self.energy_threshold = getattr(self.predictor.config, "ood_energy_threshold", None)
+        # a copy of its own: GradCAM's hooks on a shared model would also fire on other requests' forward passes
+        self._cam_model = load_model(self.predictor.model_dir)
+        self._cam = GradCAM(model=LogitsOnly(self._cam_model), target_layers=[self._cam_model.timm_model.norm])
+        # GradCAM keeps the hooked activations and gradients on itself and on the model: two requests
+        # at once would read each other's (found by the load test); the probabilities need no lock
+        self._cam_lock = threading.Lock()
 
     def predict(self, image: PIL.Image.Image, with_cam: bool = True) -> Result:
         """Probabilities, Grad-CAM (unless ``with_cam`` is False) and out-of-distribution checks for one RGB image."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        x = self.transform(image).unsqueeze(0)
-        with torch.inference_mode():
-            logits = self.model(pixel_values=x).logits[0].float()
-        probs = torch.softmax(logits, -1).tolist()
+        x = self.predictor.preprocess([image])
+        logits = self.predictor.logits(x)
+        probs = softmax(logits)[0]
         index = int(np.argmax(probs))
-        # Grad-CAM costs a second forward and a backward pass: only when a heatmap is shown
-        cam = self._cam(input_tensor=x, targets=[ClassifierOutputTarget(index)])[0] if with_cam else None
-        energy = -float(torch.logsumexp(logits, 0))
+        # Grad-CAM costs a forward and a backward pass in PyTorch: only when a heatmap is shown
+        cam = None
+        if with_cam:
+            with self._cam_lock:
+                cam = self._cam(input_tensor=torch.from_numpy(x), targets=[ClassifierOutputTarget(index)])[0]
+        energy = float(energy_scores(logits)[0])
         flags = image_checks(image)
         if self.energy_threshold is not None and energy > self.energy_threshold:
             flags.append("the model finds it unlike the training slices (energy score above the validation threshold)")
-        return Result(dict(zip(self.class_names, probs)), self.class_names[index], cam, energy, flags)
-
-
-class _LogitsOnly(torch.nn.Module):
-    """pytorch-grad-cam wants a module that maps a tensor to a logits tensor."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).logits
+        return Result(dict(zip(self.class_names, probs.tolist())), self.class_names[index], cam, energy, flags)
 
 
 def overlay(image: PIL.Image.Image, cam: np.ndarray, opacity: float = 0.45, max_side: int = 512) -> np.ndarray:
@@ -216,7 +123,7 @@ def batch_rows(classifier: Classifier, paths: list[str]) -> tuple[list[list[Any]
     for path in paths:
         name = Path(path).name
         try:
-            result = classifier.predict(read_upload(path), with_cam=False)
+            result = classifier.predict(read_image(path), with_cam=False)
             note = "" if result.trusted else "not like an MRI slice: " + "; ".join(result.flags)
             rows.append([name, result.label if result.trusted else "", *(round(result.probabilities[c], 4)
                                                                            for c in classifier.class_names), note])
@@ -229,9 +136,9 @@ def batch_rows(classifier: Classifier, paths: list[str]) -> tuple[list[list[Any]
     return rows, buffer.getvalue()
 
 
-def model_summary(source: str) -> dict[str, Any]:
+def model_summary(model_dir: str | os.PathLike) -> dict[str, Any]:
     """Official and leak-free test accuracy from the model folder's eval_results.json, if it is local."""
-    results_file = Path(source) / "eval_results.json"
+    results_file = Path(model_dir) / "eval_results.json"
     if not results_file.is_file():
         return {}
     splits = json.loads(results_file.read_text())["splits"]
@@ -266,7 +173,7 @@ def non_mri_images(seed: int = 0) -> dict[str, PIL.Image.Image]:
 
 def ood_report(classifier: Classifier, mri_paths: list[str]) -> dict[str, Any]:
     """Share of real MRI slices wrongly flagged, and of non-MRI images caught, by the app's checks."""
-    flagged = [bool(classifier.predict(read_upload(p), with_cam=False).flags) for p in mri_paths]
+    flagged = [bool(classifier.predict(read_image(p), with_cam=False).flags) for p in mri_paths]
     caught = {name: bool(classifier.predict(image.convert("RGB"), with_cam=False).flags)
               for name, image in non_mri_images().items()}
     return {

@@ -12,6 +12,8 @@ from hf_tumor.audit import DEFAULT_THRESHOLD
 from hf_tumor.data import DataError
 from hf_tumor.hub import PushError
 from hf_tumor.evaluation import EVAL_RESULTS_KEYS
+from hf_tumor.export import ExportError
+from hf_tumor.inference import BACKENDS, BackendError
 from hf_tumor.model import ModelInitError
 
 
@@ -63,12 +65,16 @@ def _predict(argv: Sequence[str]) -> int:
     parser.add_argument("images", nargs="+", help="Image files (JPEG, PNG, ...).")
     parser.add_argument("--model", help="Model folder or Hub repo id (default: $HF_TUMOR_MODEL, else the bundled model).")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin.")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="auto: the fastest backend whose ONNX parity check passed (see `hf-tumor export`), else torch.")
     parser.add_argument("--json", action="store_true", help="One JSON object per line.")
     args = parser.parse_args(argv)
-    from hf_tumor.inference import load_pipeline, predict_files
+    from hf_tumor.inference import load_predictor, predict_files
     from hf_tumor.model import default_model
 
-    predictions = predict_files(load_pipeline(args.model or default_model(), args.revision), args.images)
+    predictor = load_predictor(args.model or default_model(), args.backend, args.revision)
+    print(predictor.describe(), file=sys.stderr)
+    predictions = predict_files(predictor, args.images)
     for p in predictions:
         if args.json:
             print(json.dumps({"path": p.path, "label": p.label, "probabilities": p.probabilities, "error": p.error}))
@@ -78,6 +84,35 @@ def _predict(argv: Sequence[str]) -> int:
             probs = "  ".join(f"{name} {value:.4f}" for name, value in p.probabilities.items())
             print(f"{p.path}: {p.label}  ({probs})")
     return 1 if any(p.error for p in predictions) else 0
+
+
+def _export(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hf-tumor export",
+        description="Write DIR/onnx/model.onnx (and model_quantized.onnx) and check parity with PyTorch on the Testing split.",
+    )
+    parser.add_argument("--model", required=True, help="Local model folder.")
+    parser.add_argument("--quantize", choices=["int8"], help="Also write an int8 model calibrated on Training images.")
+    parser.add_argument("--data_dir", help="Folder with Training/ and Testing/ (default: $HF_TUMOR_DATA).")
+    parser.add_argument("--calibration_images", type=int, default=256, help="Training images used to calibrate int8.")
+    args = parser.parse_args(argv)
+    from hf_tumor.export import export_model
+    from hf_tumor.training import setup_logging
+
+    setup_logging()
+    report = export_model(args.model, args.data_dir, args.quantize == "int8", args.calibration_images)
+    failed = []
+    for name in ("onnx", "onnx-int8"):
+        if name in report:
+            entry = report[name]
+            print(f"{entry['file']:<28} top-1 agreement {entry['top1_agreement']:.2%}  max prob diff "
+                  f"{entry['max_probability_difference']:.4f}  accuracy {entry['accuracy']:.2%} "
+                  f"(PyTorch {report['torch_accuracy']:.2%})  {'passed' if entry['passed'] else 'FAILED'}")
+            failed += [] if entry["passed"] else [name]
+    print(f"parity on {report['num_images']} test images written to {Path(args.model) / 'onnx' / 'parity.json'}")
+    if failed:
+        print(f"hf-tumor export: {', '.join(failed)} failed the parity check and will not be used.", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _package(argv: Sequence[str]) -> int:
@@ -123,6 +158,7 @@ COMMANDS = {
     "train": (_train, "train a model folder (same flags as scripts/train.py; --help lists them)"),
     "evaluate": (_evaluate, "evaluate on official and leak-free test, calibrate on validation"),
     "audit": (_audit, "find duplicates and train/test leakage in a data folder"),
+    "export": (_export, "export a model folder to ONNX (optionally int8) and check parity"),
     "package": (_package, "write a Hub-ready copy of a model folder (fp16 weights, model card)"),
     "push": (_push, "push a model folder, and optionally the Space, to the Hugging Face Hub"),
     "predict": (_predict, "classify image files"),
@@ -138,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = COMMANDS[argv[0]][0], argv[1:]
     try:
         return command(rest)
-    except (DataError, ModelInitError, PushError, OSError) as err:  # OSError: missing files, unloadable models
+    except (DataError, ModelInitError, PushError, ExportError, BackendError, OSError) as err:  # OSError: missing files, unloadable models
         print(f"hf-tumor {argv[0]}: error: {err}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,8 @@ import timm
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors.torch import load_file, save_file
 
+from hf_tumor.export import ONNX_DIR, ONNX_FILES, PARITY_FILE
+
 logger = logging.getLogger("hf_tumor")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -149,8 +151,20 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         "eval_rows": eval_rows, "per_class_split": {"clean_test": "leak-free test", "test": "official test"}[per_class_split],
         "per_class_rows": per_class_rows, "calibration_rows": calibration_rows,
         "command": _reproduce_command(args),
+        "onnx_rows": _onnx_rows(model_dir),
     }
     return card_data, variables
+
+
+def _onnx_rows(model_dir: Path) -> list[dict[str, str]]:
+    """The ONNX files present in ``model_dir`` with their parity against PyTorch (for the card)."""
+    parity = _read_json(model_dir / ONNX_DIR / PARITY_FILE)
+    return [
+        {"file": parity[name]["file"], "agreement": _pct(parity[name]["top1_agreement"]),
+         "max_diff": f"{parity[name]['max_probability_difference']:.4f}", "accuracy": _pct(parity[name]["accuracy"]),
+         "n": parity["num_images"]}
+        for name in ONNX_FILES if name in parity and (model_dir / parity[name]["file"]).is_file()
+    ]
 
 
 def render_model_card(model_dir: str | os.PathLike, repo_id: str, template: Path = CARD_TEMPLATE) -> ModelCard:
@@ -173,6 +187,8 @@ def package_model(run_dir: str | os.PathLike, dest: str | os.PathLike, repo_id: 
     for name in MODEL_FILES:
         if name not in ("model.safetensors", "README.md") and (run_dir / name).is_file():
             shutil.copy2(run_dir / name, dest / name)
+    if (run_dir / ONNX_DIR).is_dir() and run_dir.resolve() != dest.resolve():  # exports and their parity report
+        shutil.copytree(run_dir / ONNX_DIR, dest / ONNX_DIR, dirs_exist_ok=True)
     state = load_file(str(run_dir / "model.safetensors"))
     state = {
         k.removeprefix("timm_model."): (v.half() if half and v.is_floating_point() else v).contiguous()

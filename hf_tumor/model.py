@@ -142,6 +142,17 @@ def class_names_of(config: Any) -> list[str]:
     return [config.id2label[i] for i in range(config.num_labels)]
 
 
+class LogitsOnly(torch.nn.Module):
+    """The classifier as a plain tensor -> logits function: what ONNX exporters and Grad-CAM want."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
 def save_model_atomically(model: torch.nn.Module, output_dir: Path) -> None:
     """Write config.json + model.safetensors into a temporary folder, then move them in place.
 

@@ -26,7 +26,8 @@ import transformers
 import yaml
 from datasets import Dataset
 from transformers import EarlyStoppingCallback, EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_tumor.audit import run_audit, train_groups
 from hf_tumor.data import attach_transforms, class_names, collate, iterate_batches, load_splits, resolve_data_dir
@@ -205,6 +206,24 @@ def save_resolved_args(output_dir: Path, argv: Sequence[str], *groups: Any) -> N
     (output_dir / ARGS_FILE).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
 
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint that was fully written, or None.
+
+    The Trainer writes ``trainer_state.json`` last in each checkpoint, and not atomically: a run killed
+    while saving leaves a folder without it (or with a truncated one). Resuming from that folder would
+    crash, so such folders are skipped (and left on disk for inspection).
+    """
+    steps = {int(p.name.rsplit("-", 1)[1]): p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()}
+    for checkpoint in (steps[step] for step in sorted(steps, reverse=True)):
+        try:
+            json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+            return str(checkpoint)
+        except (OSError, ValueError):
+            logger.warning("skipping %s: incompletely written (the run was stopped while saving it)", checkpoint)
+    return None
+
+
 def hardware_description() -> str:
     """What this run trains on, in words, for the model card."""
     if torch.cuda.is_available():
@@ -272,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     resume = training_args.resume_from_checkpoint
     if resume is None and output_dir.is_dir():
-        resume = get_last_checkpoint(str(output_dir))
+        resume = last_complete_checkpoint(output_dir)
         if resume:
             logger.info("resuming from %s (delete the output folder to start afresh)", resume)
     start = time.perf_counter()

@@ -2,6 +2,7 @@
 
 Environment: HF_TUMOR_MODEL (Hub id or folder; default: the model bundled in the repository),
 HF_TUMOR_REVISION (pin a Hub model to a branch, tag or commit),
+HF_TUMOR_BACKEND (auto, onnx-int8, onnx or torch; auto: the fastest whose ONNX parity check passed),
 HF_TUMOR_EXAMPLES (a folder of example slices to show), HF_TUMOR_PORT (default 7860).
 """
 
@@ -15,24 +16,16 @@ from pathlib import Path
 import gradio as gr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # on a Space, hf_tumor/ sits beside this file
-from hf_tumor.app import (  # noqa: E402
-    MAX_UPLOAD_BYTES,
-    Classifier,
-    InputError,
-    batch_rows,
-    default_model,
-    model_summary,
-    overlay,
-    read_upload,
-    verdict,
-)
+from hf_tumor.app import Classifier, batch_rows, default_model, model_summary, overlay, verdict  # noqa: E402
+from hf_tumor.image_io import MAX_UPLOAD_BYTES, InputError, read_image  # noqa: E402
+from hf_tumor.inference import BackendError  # noqa: E402
 
 MODEL_CARD_URL = "https://huggingface.co/{}"
 
 
 def build_demo(classifier: Classifier) -> gr.Blocks:
     """The UI: one slice with probabilities and Grad-CAM, or many slices as a table and CSV."""
-    summary = model_summary(classifier.source)
+    summary = model_summary(classifier.predictor.model_dir)
     card = (MODEL_CARD_URL.format(classifier.source) if not Path(classifier.source).exists()
             else "the model card (README.md in the model folder)")
     split_names = {"test": "official test", "clean_test": "leak-free test"}
@@ -43,7 +36,7 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
         if path is None:
             raise gr.Error("Upload an image first.")
         try:
-            image = read_upload(path)
+            image = read_image(path)
         except InputError as err:
             raise gr.Error(str(err)) from None
         result = classifier.predict(image)
@@ -103,11 +96,14 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
 
 def main() -> None:
     try:
-        classifier = Classifier(revision=os.environ.get("HF_TUMOR_REVISION"))  # pin a Hub model's revision
+        classifier = Classifier(revision=os.environ.get("HF_TUMOR_REVISION"),  # pin a Hub model's revision
+                                backend=os.environ.get("HF_TUMOR_BACKEND", "auto"))
+    except BackendError as err:
+        sys.exit(str(err))
     except OSError as err:
         sys.exit(f"Cannot load the model '{default_model()}' ({type(err).__name__}). Set HF_TUMOR_MODEL to a "
                  "model folder or a Hub repo id, or train one with `make train`.")
-    print(f"model: {classifier.source}", flush=True)
+    print(classifier.predictor.describe(), flush=True)
     demo = build_demo(classifier)
     demo.queue(max_size=32, default_concurrency_limit=2)  # bounded: a full queue is refused, not grown
     demo.launch(

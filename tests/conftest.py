@@ -60,3 +60,11 @@ def trained_model(tiny_data, tmp_path_factory) -> Path:
     from hf_tumor.training import main
 
     return main(train_args(tiny_data, tmp_path_factory.mktemp("model") / "run"))
+
+
+@pytest.fixture(scope="session")
+def slice_image():
+    """One real meningioma slice as a PIL image."""
+    import PIL.Image
+
+    return PIL.Image.open(real_images("Testing", "meningioma", 1)[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,70 +13,14 @@ import PIL.Image
 import pytest
 
 from conftest import CLASSES, REPO, real_images
-from hf_tumor.app import MAX_UPLOAD_BYTES, Classifier, InputError, batch_rows, image_checks, overlay, read_upload
-
-
-def _save(image: PIL.Image.Image, path: Path, **kwargs) -> Path:
-    image.save(path, **kwargs)
-    return path
-
-
-@pytest.fixture(scope="module")
-def slice_image() -> PIL.Image.Image:
-    return PIL.Image.open(real_images("Testing", "meningioma", 1)[0])
-
-
-def _write(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
-
-
-def _dicom(path: Path, with_pixels: bool) -> Path:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR image storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality = "MR"
-    if with_pixels:
-        pixels = (np.asarray(PIL.Image.open(real_images("Testing", "glioma", 1)[0]).convert("L"), np.uint16) * 16)
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = pixels.tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return path
-
-
-GOOD = {
-    "jpeg": lambda d, im: Path(real_images("Testing", "meningioma", 1)[0]),
-    "rgba png": lambda d, im: _save(im.convert("RGBA"), d / "rgba.png"),
-    "palette png": lambda d, im: _save(im.convert("P"), d / "p.png"),
-    "cmyk jpeg": lambda d, im: _save(im.convert("CMYK"), d / "cmyk.jpg"),
-    "16-bit png": lambda d, im: _save(PIL.Image.fromarray(np.asarray(im.convert("L"), np.uint16) * 257), d / "16.png"),
-    "animated gif": lambda d, im: _save(im.convert("P"), d / "a.gif", save_all=True, append_images=[im.convert("P").rotate(90)]),
-    "dicom": lambda d, im: _dicom(d / "slice.dcm", with_pixels=True),
-}
-
-BAD = {
-    "empty": (lambda d: _write(d / "e.jpg", b""), "empty"),
-    "text named jpg": (lambda d: _write(d / "t.jpg", b"hello"), "not an image"),
-    "pdf": (lambda d: _write(d / "doc.pdf", b"%PDF-1.4\n%...\n"), "PDF"),
-    "truncated jpeg": (lambda d: _write(d / "tr.jpg", real_images("Testing", "glioma", 1)[0].read_bytes()[:2000]),
-                       "truncated or corrupt"),
-    "1x1": (lambda d: _save(PIL.Image.new("L", (1, 1)), d / "one.png"), "at least"),
-    "bomb": (lambda d: _save(PIL.Image.new("1", (20000, 20000)), d / "bomb.png"), "pixels"),
-    "dicom without pixels": (lambda d: _dicom(d / "nopix.dcm", with_pixels=False), "no pixel data"),
-    "too large": (lambda d: _write(d / "big.png", b"\x89PNG" + b"\0" * (MAX_UPLOAD_BYTES + 10)), "limit"),
-}
+from hf_tumor.app import Classifier, batch_rows, image_checks, overlay
+from hf_tumor.image_io import MAX_UPLOAD_BYTES, InputError, read_image
+from hostile_files import BAD, GOOD, build_all
 
 
 @pytest.mark.parametrize("kind", GOOD)
 def test_readable_formats_become_rgb(kind, tmp_path, slice_image):
-    image = read_upload(GOOD[kind](tmp_path, slice_image))
+    image = read_image(GOOD[kind](tmp_path, slice_image))
     assert image.mode == "RGB" and min(image.size) >= 32
     assert np.asarray(image).std() > 5  # real content, not a blank conversion
 
@@ -83,18 +28,26 @@ def test_readable_formats_become_rgb(kind, tmp_path, slice_image):
 @pytest.mark.parametrize("kind", BAD)
 def test_bad_uploads_get_clear_messages(kind, tmp_path):
     make, expected = BAD[kind]
-    path = make(tmp_path)
+    path = make(tmp_path, None)
     assert path.stat().st_size < 50_000 or kind == "too large"  # the bomb is a few KB on disk
     with pytest.raises(InputError, match=expected):
-        read_upload(path)
+        read_image(path)
 
 
 def test_exif_rotation_is_applied(tmp_path, slice_image):
-    wide = slice_image.convert("RGB").resize((300, 200))
-    exif = PIL.Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    wide.save(tmp_path / "rot.jpg", exif=exif)
-    assert read_upload(tmp_path / "rot.jpg").size == (200, 300)
+    assert read_image(GOOD["exif-rotated jpeg"](tmp_path, slice_image)).size == (200, 300)
+
+
+def test_a_decompression_bomb_is_refused_without_decoding_it(tmp_path):
+    """Reading the 20,000 x 20,000 PNG (400 MB of pixels once decoded) keeps the process small."""
+    bomb = BAD["bomb"][0](tmp_path, None)
+    # VmHWM: this process's peak resident memory (getrusage's maxrss would include the parent's, across exec)
+    code = ("import sys; from hf_tumor.image_io import InputError, read_image\n"
+            "try: read_image(sys.argv[1])\nexcept InputError as e: print(e)\n"
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+    out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120)
+    message, peak_kb = out.stdout.strip().splitlines()
+    assert "pixels" in message and int(peak_kb) < 300_000
 
 
 def test_image_checks_flag_non_mri_images(slice_image):
@@ -142,7 +95,8 @@ def served_app(trained_model):
     demo = build_demo(Classifier(trained_model))
     demo.queue(max_size=8, default_concurrency_limit=1)
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                max_file_size=MAX_UPLOAD_BYTES)  # as space/app.py does
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -163,6 +117,45 @@ def test_app_over_http(served_app, tmp_path):
     rows, _csv = client.predict([handle_file(str(real_images("Testing", "glioma", 1)[0])), handle_file(str(bad))],
                                 api_name="/classify_batch")
     assert len(rows["data"]) == 2 and "not an image" in rows["data"][1][-1]
+
+
+@pytest.fixture(scope="module")
+def api_client(served_app):
+    from gradio_client import Client
+
+    return Client(served_app, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, slice_image) -> dict[str, Path]:
+    return build_all(tmp_path_factory.mktemp("hostile"), slice_image)
+
+
+# over the upload limit Gradio itself refuses the upload (max_file_size: gradio_client checks it before
+# sending, the server for any other client) before our reader sees it
+HTTP_MESSAGES = {"too large": "exceed.* maximum"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [*GOOD, *BAD])
+def test_every_kind_of_file_through_the_http_api(kind, api_client, hostile):
+    from gradio_client import handle_file
+
+    if kind in GOOD:
+        _label, _heatmap, message = api_client.predict(handle_file(str(hostile[kind])), api_name="/classify")
+        assert "Predicted" in message or "does not look like" in message
+    else:
+        with pytest.raises(Exception, match=HTTP_MESSAGES.get(kind, BAD[kind][1])):
+            api_client.predict(handle_file(str(hostile[kind])), api_name="/classify")
+
+
+@pytest.mark.slow
+def test_still_serving_after_the_hostile_files(api_client):
+    from gradio_client import handle_file
+
+    _label, _heatmap, message = api_client.predict(
+        handle_file(str(real_images("Testing", "glioma", 1)[0])), api_name="/classify")
+    assert "Predicted" in message or "does not look like" in message
 
 
 CHROMIUM = Path("/usr/bin/chromium")

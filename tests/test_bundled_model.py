@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,3 +37,26 @@ def test_plain_pipeline_classifies_leak_free_test_slices_in_fp32():
     outputs = classify([str(SHARED_DATA / p) for p in chosen], top_k=1)
     correct = sum(out[0]["label"] == p.split("/")[1] for out, p in zip(outputs, chosen))
     assert correct / len(chosen) >= 0.85, f"{correct}/{len(chosen)}"
+
+
+def test_default_backend_is_the_checked_int8_export_and_agrees_with_pytorch():
+    from hf_tumor.inference import load_predictor, predict_files
+
+    parity = json.loads((BUNDLED_MODEL / "onnx" / "parity.json").read_text())
+    assert parity["num_images"] == 1311 and parity["onnx-int8"]["passed"]
+    predictor = load_predictor(BUNDLED_MODEL)
+    assert predictor.backend == "onnx-int8"
+    paths = [p for c in CLASSES for p in sorted((SHARED_DATA / "Testing" / c).iterdir())[:4]]
+    int8 = predict_files(predictor, paths)
+    fp32 = predict_files(load_predictor(BUNDLED_MODEL, "torch"), paths)
+    assert sum(a.label == b.label for a, b in zip(int8, fp32)) >= len(paths) - 1
+
+
+def test_predict_uses_the_bundled_model_by_default():
+    env = {k: v for k, v in os.environ.items() if k != "HF_TUMOR_MODEL"}
+    image = sorted((SHARED_DATA / "Testing" / "pituitary").iterdir())[0]
+    result = subprocess.run([sys.executable, "-m", "hf_tumor.cli", "predict", "--json", str(image)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"model {BUNDLED_MODEL}, backend onnx-int8" in result.stderr
+    assert json.loads(result.stdout)["label"] in CLASSES

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CLASSES, real_images
+from hostile_files import BAD, GOOD, build_all
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def test_predict_good_and_bad_files(trained_model, bad_files):
         assert all(c in line for c in CLASSES)
     errors = [e for e in result.stderr.splitlines() if ": error:" in e]
     assert len(errors) == 3 and "Traceback" not in result.stderr
-    assert any("missing.png" in e and "no such file" in e for e in errors)
+    assert any("missing.png" in e and "no such file" in e.lower() for e in errors)
 
 
 def test_predict_json(trained_model):
@@ -74,3 +75,23 @@ def test_train_with_imagenet_offline_is_a_clear_error(tiny_data, tmp_path):
 def test_help_lists_commands():
     result = run_cli("--help")
     assert result.returncode == 0 and "predict" in result.stdout and "train" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def predicted_hostile(trained_model, tmp_path_factory, slice_image) -> tuple[dict[str, Path], dict[str, dict], str]:
+    """`hf-tumor predict --json` run once over every good, odd and hostile file."""
+    files = build_all(tmp_path_factory.mktemp("hostile"), slice_image)
+    result = run_cli("predict", "--model", str(trained_model), "--json", *map(str, files.values()))
+    records = {json.loads(line)["path"]: json.loads(line) for line in result.stdout.splitlines()}
+    return files, records, result.stderr
+
+
+@pytest.mark.parametrize("kind", [*GOOD, *BAD])
+def test_predict_on_every_kind_of_file(kind, predicted_hostile):
+    files, records, stderr = predicted_hostile
+    record = records[str(files[kind])]
+    assert "Traceback" not in stderr
+    if kind in GOOD:
+        assert record["error"] is None and record["label"] in CLASSES
+    else:
+        assert record["label"] is None and BAD[kind][1] in record["error"]

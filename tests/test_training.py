@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from transformers import AutoModelForImageClassification, pipeline
 from conftest import CLASSES, REPO, TEST_IMAGE_SIZE, train_args
 from hf_tumor.data import attach_transforms, cache_resized, load_image_folder
 from hf_tumor.evaluation import predict_logits
-from hf_tumor.inference import load_pipeline, predict_files
+from hf_tumor.inference import load_predictor, predict_files
 from hf_tumor.model import load_model
 from hf_tumor.training import parse_args
 
@@ -79,7 +82,7 @@ def test_loads_offline_with_pipeline_and_automodel_and_all_paths_agree(trained_m
     plain = pipeline("image-classification", model=str(trained_model))
     pipeline_probs = np.array([[{s["label"]: s["score"] for s in out}[c] for c in CLASSES]
                                for out in plain(paths, top_k=None)])
-    cli_probs = np.array([[p.probabilities[c] for c in CLASSES] for p in predict_files(load_pipeline(trained_model), paths)])
+    cli_probs = np.array([[p.probabilities[c] for c in CLASSES] for p in predict_files(load_predictor(trained_model, "torch"), paths)])
     np.testing.assert_allclose(pipeline_probs, evaluation_probs, atol=1e-4)
     np.testing.assert_allclose(cli_probs, pipeline_probs, atol=1e-4)
 
@@ -110,6 +113,37 @@ def test_resume_continues_from_the_last_checkpoint(tiny_data: Path, tmp_path: Pa
     assert state["global_step"] == 6
     first_logged_step = min(h["step"] for h in state["log_history"] if "loss" in h)
     assert first_logged_step == 2  # history carried over from the first run, not restarted
+
+
+def test_a_run_killed_with_sigkill_resumes_and_finishes(tiny_data: Path, tmp_path: Path):
+    """SIGKILL at a random moment after the first checkpoint, plus a checkpoint cut short while being
+    written: running the same command again resumes from the last complete checkpoint and finishes."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"),
+           *train_args(tiny_data, out, "--evaluate_test", "False"), "--max_steps", "10", "--save_strategy", "steps",
+           "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2"]
+    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoint-2" / "trainer_state.json").is_file():
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.1)
+    time.sleep(random.uniform(0, 2))
+    run.send_signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "model.safetensors").exists()  # no final model from a killed run
+    done = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    cut = out / f"checkpoint-{done + 2}"  # as if killed while saving the next checkpoint
+    cut.mkdir(exist_ok=True)
+    (cut / "model.safetensors").write_bytes(b"half a file")
+    (cut / "trainer_state.json").unlink(missing_ok=True)
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {out / f'checkpoint-{done}'}" in resumed.stderr
+    assert f"skipping {cut}" in resumed.stderr
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 10
+    model = load_model(out)
+    assert model(pixel_values=torch.zeros(1, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)).logits.shape == (1, 4)
 
 
 def test_two_process_data_parallel_on_cpu(tiny_data: Path, tmp_path: Path):

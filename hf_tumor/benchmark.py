@@ -1,0 +1,269 @@
+"""Benchmarks behind ``scripts/bench_*.py``: medians of repeated timings, with the machine they ran on.
+
+These measure; they do not assert. The tests only check that they run on a tiny setting.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from hf_tumor.calibration import softmax
+from hf_tumor.image_io import read_image
+from hf_tumor.inference import load_predictor
+from hf_tumor.export import passed_backends
+
+
+def machine() -> dict[str, Any]:
+    """Where and with what a benchmark ran."""
+    cpu = platform.processor() or ""
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    versions = {}
+    for package in ("torch", "timm", "transformers", "onnxruntime"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {
+        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(), "versions": versions,
+    }
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def inference_benchmark(model: str, image: Path, backends: list[str] | None = None, repeats: int = 30,
+                        batch_sizes: tuple[int, ...] = (1, 8, 32)) -> dict[str, Any]:
+    """Per backend: bare forward and end-to-end (file -> probabilities) batch-1 latency, the stages
+    between them, and forward throughput at each batch size."""
+    backends = backends or ["torch", *passed_backends(model)]
+    results: dict[str, Any] = {}
+    for backend in backends:
+        predictor = load_predictor(model, backend)
+        decoded = read_image(image)
+        x = predictor.preprocess([decoded])
+
+        def end_to_end() -> np.ndarray:
+            return softmax(predictor.logits(predictor.preprocess([read_image(image)])))
+
+        entry = {
+            "forward_ms": 1000 * median_seconds(lambda: predictor.logits(x), repeats),
+            "end_to_end_ms": 1000 * median_seconds(end_to_end, repeats),
+            "read_ms": 1000 * median_seconds(lambda: read_image(image), repeats),
+            "preprocess_ms": 1000 * median_seconds(lambda: predictor.preprocess([decoded]), repeats),
+            "throughput_images_per_s": {},
+        }
+        entry["end_to_end_over_forward"] = entry["end_to_end_ms"] / entry["forward_ms"]
+        for batch_size in batch_sizes:
+            batch = np.repeat(x, batch_size, axis=0)
+            seconds = median_seconds(lambda: predictor.logits(batch), max(3, repeats // batch_size), warmup=1)
+            entry["throughput_images_per_s"][str(batch_size)] = batch_size / seconds
+        results[backend] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry.items()}
+        results[backend]["throughput_images_per_s"] = {k: round(v, 1) for k, v in entry["throughput_images_per_s"].items()}
+    return {"model": str(model), "image": str(image), "repeats": repeats, "machine": machine(), "backends": results}
+
+
+def load_test(url: str, images: list[Path], clients: int = 16, seconds: float = 60.0,
+              server_pid: int | None = None) -> dict[str, Any]:
+    """``clients`` concurrent gradio_client users calling ``/classify`` on ``url`` for ``seconds``.
+
+    Reports requests, failures (a full queue's rejections counted apart), latency p50/p95,
+    throughput, and the server's resident memory after warm-up and at the end.
+    """
+    import threading
+
+    import psutil
+    from gradio_client import Client, handle_file
+
+    server = psutil.Process(server_pid) if server_pid else None
+    latencies: list[float] = []
+    rejected, failures = 0, []
+    lock = threading.Lock()
+    warm = threading.Barrier(clients + 1)  # memory baseline: once every client has had one answer
+    deadline: list[float] = []
+
+    def user(index: int) -> None:
+        nonlocal rejected
+        client = Client(url, verbose=False)
+        first = True
+        while first or time.monotonic() < deadline[0]:
+            image = images[(index + len(latencies)) % len(images)]
+            start = time.perf_counter()
+            try:
+                client.predict(handle_file(str(image)), api_name="/classify")
+                with lock:
+                    latencies.append(time.perf_counter() - start)
+            except Exception as err:  # counted and reported: the point of the test
+                with lock:
+                    if "queue is full" in str(err).lower():
+                        rejected += 1
+                    else:
+                        failures.append(f"{type(err).__name__}: {str(err)[:200]}")
+            if first:
+                first = False
+                warm.wait()
+
+    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(clients)]
+    deadline.append(time.monotonic() + 3600)  # the real deadline is set after warm-up
+    for thread in threads:
+        thread.start()
+    warm.wait()
+    rss_start = server.memory_info().rss if server else None
+    latencies.clear()  # warm-up requests are not measured
+    start = time.monotonic()
+    deadline[0] = start + seconds
+    rss_peak = rss_start or 0
+    while any(t.is_alive() for t in threads):
+        if server:
+            rss_peak = max(rss_peak, server.memory_info().rss)
+        time.sleep(0.5)
+    elapsed = time.monotonic() - start
+    rss_end = server.memory_info().rss if server else None
+    ms = sorted(1000 * x for x in latencies)
+    return {
+        "url": url, "clients": clients, "seconds": round(elapsed, 1), "requests_ok": len(ms),
+        "rejected_queue_full": rejected, "failed": len(failures), "failures": failures[:10],
+        "latency_ms_p50": round(float(np.percentile(ms, 50)), 1) if ms else None,
+        "latency_ms_p95": round(float(np.percentile(ms, 95)), 1) if ms else None,
+        "throughput_per_s": round(len(ms) / elapsed, 2),
+        "server_rss_mb_after_warmup": round(rss_start / 2**20, 1) if rss_start else None,
+        "server_rss_mb_peak": round(rss_peak / 2**20, 1) if server else None,
+        "server_rss_mb_end": round(rss_end / 2**20, 1) if rss_end else None,
+        "server_rss_growth": round(rss_end / rss_start - 1, 4) if rss_start else None,
+        "machine": machine(),
+    }
+
+
+class _PeakRSS:
+    """Peak resident memory of this process while the ``with`` block runs (sampled every 20 ms)."""
+
+    def __enter__(self) -> "_PeakRSS":
+        import threading
+
+        import psutil
+
+        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(0.02)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def _train_view(data_dir: Path, image_size: int, model_name: str):
+    """The training split's view exactly as training builds it (cached resize, augmentation, to tensor)."""
+    from hf_tumor.data import attach_transforms, cache_resized, load_image_folder
+    from hf_tumor.preprocessing import AugmentConfig, make_pretrained_cfg
+
+    cfg = make_pretrained_cfg(model_name, image_size)
+    return attach_transforms(cache_resized(load_image_folder(data_dir)["train"], cfg, "train"), cfg, AugmentConfig())
+
+
+def train_benchmark(data_dir: str | os.PathLike, image_size: int, precision: str, batch_size: int = 32,
+                    steps: int = 5, warmup: int = 2, model_name: str = "resnetv2_50") -> dict[str, Any]:
+    """Images/s and peak memory of (a) the data loader alone, (b) a bare PyTorch training loop and (c)
+    the Trainer on the same model, size, batch and precision, in this one process."""
+    from torch.utils.data import DataLoader
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hf_tumor.data import collate, resolve_data_dir
+    from hf_tumor.model import create_model
+    from hf_tumor.training import TRAINING_DEFAULTS
+
+    view = _train_view(resolve_data_dir(data_dir), image_size, model_name)
+    workers = TRAINING_DEFAULTS["dataloader_num_workers"]
+    total = warmup + steps
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = precision == "bf16"
+
+    loader = DataLoader(view, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate)
+    batches = iter(loader)
+    next(batches)  # worker start-up is not throughput
+    start = time.perf_counter()
+    kept = [next(batches) for _ in range(total)]
+    loader_ips = total * batch_size / (time.perf_counter() - start)
+
+    def fresh_model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return create_model(model_name, ["a", "b", "c", "d"], image_size, "scratch").to(device).to(memory_format=torch.channels_last)
+
+    model = fresh_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    times = []
+    with _PeakRSS() as bare_memory:
+        for batch in kept:
+            t0 = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                out = model(pixel_values=batch["pixel_values"].to(device), labels=batch["labels"].to(device))
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    bare_ips = steps * batch_size / sum(times[warmup:])
+    del model, optimizer
+
+    class StepTimes(TrainerCallback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+    stamps = StepTimes()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, max_steps=total, per_device_train_batch_size=batch_size, learning_rate=1e-3,
+            bf16=bf16, save_strategy="no", eval_strategy="no", report_to="none", logging_strategy="no",
+            remove_unused_columns=False, dataloader_num_workers=workers, disable_tqdm=True, use_cpu=device == "cpu",
+        )
+        trainer = Trainer(model=fresh_model(), args=args, train_dataset=view, data_collator=collate, callbacks=[stamps])
+        with _PeakRSS() as trainer_memory:
+            trainer.train()
+    trainer_ips = steps * batch_size / (stamps.stamps[-1] - stamps.stamps[warmup - 1])
+    return {
+        "image_size": image_size, "precision": precision, "batch_size": batch_size, "timed_steps": steps,
+        "device": device, "loader_workers": workers,
+        "loader_images_per_s": round(loader_ips, 1),
+        "bare_loop_images_per_s": round(bare_ips, 2),
+        "trainer_images_per_s": round(trainer_ips, 2),
+        "trainer_over_bare": round(trainer_ips / bare_ips, 3),
+        "loader_over_model": round(loader_ips / bare_ips, 2),
+        "bare_loop_peak_rss_mb": round(bare_memory.peak / 2**20),
+        "trainer_peak_rss_mb": round(trainer_memory.peak / 2**20),
+    }

@@ -1,0 +1,106 @@
+"""Reading image files safely: JPEG, PNG and the other PIL formats, and DICOM.
+
+Every path that opens a user's file (``hf-tumor predict``, the Space's UI and HTTP API) goes through
+``read_image``: hostile or broken files end in an ``InputError`` with a message meant for the user,
+and nothing large is decoded before its size has been checked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = 50_000_000  # a 7,000 x 7,000 image; anything larger is refused before decoding
+MIN_SIDE = 32
+
+
+class InputError(ValueError):
+    """An upload that cannot be classified; the message is shown to the user as is."""
+
+
+# --------------------------------------------------------------------------- reading uploads
+
+
+def _is_dicom(head: bytes, path: Path) -> bool:
+    return path.suffix.lower() == ".dcm" or head[128:132] == b"DICM"
+
+
+def _read_dicom(path: Path) -> PIL.Image.Image:
+    import pydicom
+    from pydicom.pixels import apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(str(path))
+    except Exception as err:
+        raise InputError(f"Not a readable DICOM file ({type(err).__name__}).") from None
+    if "PixelData" not in ds:
+        raise InputError("This DICOM file has no image (no pixel data).")
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:
+        raise InputError(f"The DICOM pixel data cannot be decoded ({type(err).__name__}).") from None
+    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
+        pixels = pixels[pixels.shape[0] // 2]  # a multi-frame series: the middle slice
+    pixels = apply_voi_lut(pixels, ds) if pixels.ndim == 2 else pixels
+    return _to_8bit(np.asarray(pixels, dtype=np.float64))
+
+
+def _to_8bit(pixels: np.ndarray) -> PIL.Image.Image:
+    low, high = float(pixels.min()), float(pixels.max())
+    scaled = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
+    mode = "RGB" if scaled.ndim == 3 else "L"
+    return PIL.Image.fromarray(scaled.round().astype(np.uint8)[..., :3] if mode == "RGB" else scaled.round().astype(np.uint8), mode)
+
+
+def read_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Open an uploaded file as an upright RGB image, or raise InputError saying why not.
+
+    Handles JPEG/PNG/other PIL formats and DICOM; 16-bit, palette, CMYK, RGBA and animated images
+    are converted (first frame); EXIF rotation is applied. Files over MAX_UPLOAD_BYTES and images
+    over MAX_PIXELS are refused before their pixels are decoded, so a decompression bomb costs nothing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("No such file.")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError("The file is empty.")
+    if size > MAX_UPLOAD_BYTES:
+        raise InputError(f"The file is {size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB.")
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if _is_dicom(head, path):
+        image = _read_dicom(path)
+    else:
+        if head.startswith(b"%PDF"):
+            raise InputError("This is a PDF document, not an image. Upload a JPEG, PNG or DICOM slice.")
+        try:
+            image = PIL.Image.open(path)  # reads the header only
+        except PIL.Image.DecompressionBombError:
+            raise InputError(f"The image is too large to process safely (over {MAX_PIXELS:,} pixels).") from None
+        except Exception:
+            raise InputError("This file is not an image that can be read (JPEG, PNG, DICOM and other common formats).") from None
+        if image.width * image.height > MAX_PIXELS:
+            raise InputError(
+                f"The image is {image.width:,} x {image.height:,} pixels; the limit is {MAX_PIXELS:,} pixels."
+            )
+        try:
+            image.seek(0)  # animated images: the first frame
+            image.load()
+        except Exception as err:
+            raise InputError(f"The image file is truncated or corrupt ({type(err).__name__}).") from None
+        image = PIL.ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            image = _to_8bit(np.asarray(image, dtype=np.float64))
+        elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = PIL.Image.new("RGBA", rgba.size, (0, 0, 0, 255))  # MRI background is black
+            image = PIL.Image.alpha_composite(background, rgba)
+    if min(image.size) < MIN_SIDE:
+        raise InputError(f"The image is {image.width} x {image.height} pixels; at least {MIN_SIDE} x {MIN_SIDE} is needed.")
+    return image.convert("RGB")

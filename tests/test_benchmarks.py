@@ -1,0 +1,57 @@
+"""The benchmark scripts run end to end on a tiny setting and write their JSON (they measure; tests do not time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, real_images
+
+pytestmark = pytest.mark.slow
+
+
+def run_script(name: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_bench_inference_reports_every_stage(trained_model: Path, tmp_path: Path):
+    out = tmp_path / "inference.json"
+    run_script("bench_inference.py", "--model", str(trained_model), "--image", str(real_images("Testing", "glioma", 1)[0]),
+               "--repeats", "3", "--batch_sizes", "1", "4", "--out", str(out))
+    report = json.loads(out.read_text())
+    torch_ = report["backends"]["torch"]
+    assert set(report["backends"]) == {"torch"}  # the tiny model has no checked ONNX export
+    assert 0 < torch_["forward_ms"] <= torch_["end_to_end_ms"]
+    assert torch_["read_ms"] > 0 and torch_["preprocess_ms"] > 0
+    assert set(torch_["throughput_images_per_s"]) == {"1", "4"}
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["versions"]["torch"]
+
+
+def test_bench_train_compares_loader_bare_loop_and_trainer(tiny_data: Path, tmp_path: Path):
+    out = tmp_path / "train.json"
+    run_script("bench_train.py", "--data_dir", str(tiny_data), "--sizes", "64", "--batch_size", "4", "--steps", "2",
+               "--warmup", "1", "--out", str(out))
+    runs = json.loads(out.read_text())["runs"]
+    fp32 = next(r for r in runs if r["precision"] == "fp32")
+    assert fp32["image_size"] == 64 and fp32["loader_images_per_s"] > 0
+    assert fp32["bare_loop_images_per_s"] > 0 and fp32["trainer_images_per_s"] > 0
+    assert fp32["trainer_peak_rss_mb"] > 100
+    bf16 = next(r for r in runs if r["precision"] == "bf16")
+    assert "skipped" in bf16 or bf16["trainer_images_per_s"] > 0
+
+
+def test_bench_load_serves_concurrent_clients(trained_model: Path, tiny_data: Path, tmp_path: Path):
+    out = tmp_path / "load.json"
+    run_script("bench_load.py", "--model", str(trained_model), "--data_dir", str(tiny_data), "--clients", "3",
+               "--seconds", "4", "--images", "4", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["failed"] == 0 and report["requests_ok"] > 0, report["failures"]
+    assert report["latency_ms_p50"] <= report["latency_ms_p95"]
+    assert report["server_rss_mb_after_warmup"] > 100 and report["server_rss_growth"] is not None

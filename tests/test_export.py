@@ -1,0 +1,71 @@
+"""ONNX export, int8 quantization, the parity check, and the backend choice that depends on it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CLASSES, real_images
+from hf_tumor.export import ONNX_DIR, passed_backends
+from hf_tumor.inference import BackendError, choose_backend, load_predictor, predict_files
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(trained_model: Path, tiny_data: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the tiny trained model with fp32 and int8 ONNX files and their parity report."""
+    from hf_tumor.export import export_model
+
+    model_dir = tmp_path_factory.mktemp("exported") / "model"
+    shutil.copytree(trained_model, model_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
+    return model_dir, export_model(model_dir, tiny_data, quantize=True, calibration_images=16)
+
+
+def test_export_writes_the_optimum_layout_and_a_parity_report(exported):
+    model_dir, report = exported
+    assert (model_dir / ONNX_DIR / "model.onnx").stat().st_size > 1e6
+    assert (model_dir / ONNX_DIR / "model_quantized.onnx").stat().st_size < (model_dir / ONNX_DIR / "model.onnx").stat().st_size / 2
+    assert json.loads((model_dir / ONNX_DIR / "parity.json").read_text()) == report
+    assert report["num_images"] == 16  # the whole (tiny) Testing split
+    # fp32 ONNX computes what PyTorch computes
+    assert report["onnx"]["top1_agreement"] == 1.0 and report["onnx"]["max_probability_difference"] < 1e-4
+    assert report["onnx"]["passed"]
+    int8 = report["onnx-int8"]
+    assert int8["passed"] == (int8["top1_agreement"] >= 0.995 and int8["accuracy_drop"] <= 0.003)
+
+
+def test_auto_picks_the_fastest_passed_backend_and_agrees_with_torch(exported):
+    model_dir, report = exported
+    expected = "onnx-int8" if report["onnx-int8"]["passed"] else "onnx"
+    assert choose_backend(model_dir) == expected
+    paths = [str(p) for c in CLASSES for p in real_images("Testing", c, 2)]
+    onnx = predict_files(load_predictor(model_dir, "onnx"), paths)
+    torch_ = predict_files(load_predictor(model_dir, "torch"), paths)
+    for a, b in zip(onnx, torch_):
+        np.testing.assert_allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-4)
+    assert load_predictor(model_dir).backend == expected
+    assert f"backend {expected}" in load_predictor(model_dir).describe()
+
+
+def test_a_file_changed_after_its_check_is_not_used(exported, tmp_path):
+    model_dir, _ = exported
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    with open(copy / ONNX_DIR / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    assert "onnx" not in passed_backends(copy)
+    with pytest.raises(BackendError, match="parity check"):
+        choose_backend(copy, "onnx")
+
+
+def test_unexported_model_refuses_onnx_backends_with_the_fix(trained_model):
+    assert choose_backend(trained_model) == "torch"
+    with pytest.raises(BackendError, match=r"hf-tumor export --model .* --quantize int8"):
+        load_predictor(trained_model, "onnx-int8")
+    with pytest.raises(BackendError, match="Unknown backend"):
+        choose_backend(trained_model, "tensorrt")
