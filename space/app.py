@@ -16,7 +16,9 @@ from pathlib import Path
 import gradio as gr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # on a Space, hf_tumor/ sits beside this file
-from hf_tumor.app import Classifier, batch_rows, default_model, model_summary, overlay, verdict  # noqa: E402
+from hf_tumor.app import (  # noqa: E402
+    Classifier, batch_rows, default_model, limit_malloc_arenas, model_summary, overlay, verdict,
+)
 from hf_tumor.image_io import MAX_UPLOAD_BYTES, InputError, read_image  # noqa: E402
 from hf_tumor.inference import BackendError  # noqa: E402
 
@@ -95,6 +97,7 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
 
 
 def main() -> None:
+    limit_malloc_arenas()  # before Gradio starts its worker threads
     try:
         classifier = Classifier(revision=os.environ.get("HF_TUMOR_REVISION"),  # pin a Hub model's revision
                                 backend=os.environ.get("HF_TUMOR_BACKEND", "auto"))
