@@ -106,7 +106,13 @@ def load_test(url: str, images: list[Path], clients: int = 16, seconds: float = 
 
     def user(index: int) -> None:
         nonlocal rejected
-        client = Client(url, verbose=False)
+        try:
+            client = Client(url, verbose=False)
+        except Exception as err:  # a client that cannot connect still releases the warm-up barrier
+            with lock:
+                failures.append(f"connect: {type(err).__name__}: {str(err)[:200]}")
+            warm.wait()
+            return
         first = True
         while first or time.monotonic() < deadline[0]:
             image = images[(index + len(latencies)) % len(images)]
