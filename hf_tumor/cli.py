@@ -96,7 +96,7 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--data_dir", help="Folder with Training/ and Testing/ (default: $HF_TUMOR_DATA).")
     parser.add_argument("--calibration_images", type=int, default=256, help="Training images used to calibrate int8.")
     args = parser.parse_args(argv)
-    from hf_tumor.export import export_model
+    from hf_tumor.export import ONNX_DIR, PARITY_FILE, export_model
     from hf_tumor.training import setup_logging
 
     setup_logging()
@@ -109,7 +109,7 @@ def _export(argv: Sequence[str]) -> int:
                   f"{entry['max_probability_difference']:.4f}  accuracy {entry['accuracy']:.2%} "
                   f"(PyTorch {report['torch_accuracy']:.2%})  {'passed' if entry['passed'] else 'FAILED'}")
             failed += [] if entry["passed"] else [name]
-    print(f"parity on {report['num_images']} test images written to {Path(args.model) / 'onnx' / 'parity.json'}")
+    print(f"parity on {report['num_images']} test images written to {Path(args.model) / ONNX_DIR / PARITY_FILE}")
     if failed:
         print(f"hf-tumor export: {', '.join(failed)} failed the parity check and will not be used.", file=sys.stderr)
     return 1 if failed else 0

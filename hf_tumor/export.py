@@ -20,14 +20,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from datasets import Dataset
 
 from hf_tumor.calibration import softmax
 from hf_tumor.data import (
     attach_transforms, cache_resized, first_per_class, iterate_batches, load_image_folder, resolve_data_dir,
 )
 from hf_tumor.model import LogitsOnly, class_names_of, load_model
-
-logger = logging.getLogger("hf_tumor")
 
 ONNX_DIR = "onnx"
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_quantized.onnx"}
@@ -37,7 +36,7 @@ MAX_INT8_ACCURACY_DROP = 0.003  # accuracy points (as a fraction) int8 may lose 
 
 
 class ExportError(RuntimeError):
-    """The model cannot be exported or an ONNX file fails its parity check."""
+    """The model cannot be exported against this data (its classes differ from the data's)."""
 
 
 def export_fp32(model: torch.nn.Module, image_size: int, path: Path) -> Path:
@@ -56,9 +55,9 @@ def export_fp32(model: torch.nn.Module, image_size: int, path: Path) -> Path:
     return path
 
 
-def calibration_batches(data_dir: Path, pretrained_cfg: dict[str, Any], num_images: int, batch_size: int = 16) -> Iterator[np.ndarray]:
+def calibration_batches(train: Dataset, pretrained_cfg: dict[str, Any], num_images: int, batch_size: int = 16) -> Iterator[np.ndarray]:
     """Evenly spaced Training images (never test images) as normalized NCHW float32 batches."""
-    train = cache_resized(load_image_folder(data_dir)["train"], pretrained_cfg, "train")
+    train = cache_resized(train, pretrained_cfg, "train")
     step = max(1, len(train) // num_images)
     view = attach_transforms(train.select(range(0, len(train), step)[:num_images]), pretrained_cfg)
     for batch in iterate_batches(view, batch_size):
@@ -154,17 +153,17 @@ def export_model(
     cfg = model.config.pretrained_cfg
     size = int(cfg["input_size"][-1])
     data_dir = resolve_data_dir(data_dir)
+    folders = load_image_folder(data_dir)
     out = model_dir / ONNX_DIR
     start = time.perf_counter()
     paths = {"onnx": export_fp32(model, size, out / ONNX_FILES["onnx"])}
     if quantize:
-        batches = calibration_batches(data_dir, cfg, calibration_images)
+        batches = calibration_batches(folders["train"], cfg, calibration_images)
         paths["onnx-int8"] = quantize_int8(paths["onnx"], out / ONNX_FILES["onnx-int8"], batches)
     else:
         (out / ONNX_FILES["onnx-int8"]).unlink(missing_ok=True)  # a stale int8 file would not match this export
     export_seconds = time.perf_counter() - start
 
-    folders = load_image_folder(data_dir)
     test = folders["test"]
     if test.features["label"].names != class_names_of(model.config):
         raise ExportError(f"The data's classes {test.features['label'].names} differ from the model's.")
