@@ -54,7 +54,25 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> floa
     return statistics.median(times)
 
 
-def inference_benchmark(model: str, image: Path, backends: list[str] | None = None, repeats: int = 30,
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median wall time of each function, called in turn (a, b, c, a, b, c, ...).
+
+    Taking turns exposes every function to the same drift in the machine's speed (a shared VM's
+    neighbours, clock changes), so that ratios between them hold even when absolute figures wander.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def inference_benchmark(model: str, image: Path, backends: list[str] | None = None, repeats: int = 100,
                         batch_sizes: tuple[int, ...] = (1, 8, 32)) -> dict[str, Any]:
     """Per backend: bare forward and end-to-end (file -> probabilities) batch-1 latency, the stages
     between them, and forward throughput at each batch size."""
@@ -68,13 +86,14 @@ def inference_benchmark(model: str, image: Path, backends: list[str] | None = No
         def end_to_end() -> np.ndarray:
             return softmax(predictor.logits(predictor.preprocess([read_image(image)])))
 
-        entry = {
-            "forward_ms": 1000 * median_seconds(lambda: predictor.logits(x), repeats),
-            "end_to_end_ms": 1000 * median_seconds(end_to_end, repeats),
-            "read_ms": 1000 * median_seconds(lambda: read_image(image), repeats),
-            "preprocess_ms": 1000 * median_seconds(lambda: predictor.preprocess([decoded]), repeats),
-            "throughput_images_per_s": {},
-        }
+        stages = interleaved_medians({
+            "forward_ms": lambda: predictor.logits(x),
+            "end_to_end_ms": end_to_end,
+            "read_ms": lambda: read_image(image),
+            "preprocess_ms": lambda: predictor.preprocess([decoded]),
+        }, repeats)
+        entry: dict[str, Any] = {name: 1000 * seconds for name, seconds in stages.items()}
+        entry["throughput_images_per_s"] = {}
         entry["end_to_end_over_forward"] = entry["end_to_end_ms"] / entry["forward_ms"]
         for batch_size in batch_sizes:
             batch = np.repeat(x, batch_size, axis=0)

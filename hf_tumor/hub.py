@@ -78,9 +78,11 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
     model_args = args.get("ModelArguments", {})
     training = args.get("TrainingArguments", {})
     init = model_args.get("init", "unknown")
+    stages = args.get("earlier_stages", [])
+    first_init = stages[0]["init"] if stages else init  # where the weights came from in the first place
     architecture = config["architecture"]
     base_model = None
-    if init == "imagenet":
+    if first_init == "imagenet":
         base_model = timm.models.get_pretrained_cfg(architecture).hf_hub_id or None
 
     eval_results = []
@@ -130,10 +132,18 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         {"name": s, **{k: f"{v:.4f}" for k, v in splits[s]["calibration"].items()}} for s in splits
     ]
     wall = train.get("train_wall_seconds") or train.get("train_runtime")
+    stage_walls = [stage.get("train_wall_seconds") for stage in stages] + [wall]
+    if stages and all(stage_walls):
+        wall_time = f"{sum(stage_walls) / 60:.0f} min ({' + '.join(f'{w / 60:.0f}' for w in stage_walls)} in {len(stage_walls)} stages)"
+    else:
+        wall_time = f"{wall / 60:.0f} min" if wall else "not recorded"
+    origin = {"scratch": "trained from scratch", "imagenet": "fine-tuned from ImageNet weights"}.get(
+        first_init, f"initialised from {first_init}")
+    if stages:
+        origin += f" in {len(stages) + 1} stages, each continuing from the previous one's checkpoint"
     variables = {
         "model_name": repo_id.split("/")[-1], "repo_id": repo_id, "architecture": architecture,
-        "init_description": {"scratch": "trained from scratch", "imagenet": "fine-tuned from ImageNet weights"}.get(
-            init, f"initialised from {init}"),
+        "init_description": origin,
         "class_names": results["class_names"], "image_size": pretrained["input_size"][-1],
         "mean": [round(m, 4) for m in pretrained["mean"]], "std": [round(s, 4) for s in pretrained["std"]],
         "temperature": results.get("temperature", 1.0),
@@ -144,13 +154,14 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         "audit_measure": audit["measure"], "audit_threshold": audit["threshold"], "exact_twins": audit.get("exact_test_twins"),
         "clean_count": audit["clean_test"], "hyperparameters": hyperparameters,
         "hardware": args.get("hardware", "not recorded"),
-        "wall_time": f"{wall / 60:.0f} min" if wall else "not recorded",
+        "wall_time": wall_time,
+        "stages": stages,
         "throughput": f"{train['train_samples_per_second']:.1f}" if "train_samples_per_second" in train else "?",
         "epochs_run": round(state.get("epoch", 0), 1), "steps": state.get("global_step"),
         "best_metric": state.get("best_metric") or 0.0, "best_step": best_step,
         "eval_rows": eval_rows, "per_class_split": {"clean_test": "leak-free test", "test": "official test"}[per_class_split],
         "per_class_rows": per_class_rows, "calibration_rows": calibration_rows,
-        "command": _reproduce_command(args),
+        "command": "\n".join([*(stage["command"] for stage in stages if stage.get("command")), _reproduce_command(args)]),
         "onnx_rows": _onnx_rows(model_dir),
     }
     return card_data, variables

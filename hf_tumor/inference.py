@@ -89,7 +89,9 @@ class Predictor:
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
         """RGB images to the normalized NCHW float32 batch the model takes."""
-        return torch.stack([self.transform(image) for image in images]).numpy()
+        if self.backend == "torch":
+            return torch.stack([self.transform(image) for image in images]).numpy()
+        return np.stack([self.transform.to_array(image) for image in images])
 
     def logits(self, pixel_values: np.ndarray) -> np.ndarray:
         """The model's logits for a normalized NCHW float32 batch."""

@@ -195,12 +195,37 @@ def compute_metrics_for(class_names: list[str]):
     return compute
 
 
+def earlier_stages(init: str) -> list[dict[str, Any]]:
+    """The runs that a local ``--init`` checkpoint came from, oldest first.
+
+    A model trained in stages (each restarting from the previous one's checkpoint) is described and
+    reproduced by all of them, so each run records its predecessors in ``train_args.json``.
+    """
+    path = Path(init)
+    if init in ("scratch", "imagenet") or not path.exists():
+        return []
+    run_dir = next((d for d in (path, path.parent) if d.is_dir() and (d / ARGS_FILE).is_file()), None)
+    if run_dir is None:  # a checkpoint from elsewhere: nothing recorded about how it was made
+        return []
+    args = json.loads((run_dir / ARGS_FILE).read_text())
+    results_file = run_dir / "train_results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    stage = {
+        "command": args.get("command"), "init": args.get("ModelArguments", {}).get("init"),
+        "continued_from": str(path), "epochs": results.get("epoch"),
+        "train_wall_seconds": results.get("train_wall_seconds"), "hardware": args.get("hardware"),
+    }
+    return [*args.get("earlier_stages", []), stage]
+
+
 def save_resolved_args(output_dir: Path, argv: Sequence[str], *groups: Any) -> None:
-    """The arguments this run actually used, for the model card and for reproducing it."""
+    """The arguments this run actually used (and the runs it continued), for the model card and for reproducing it."""
     resolved: dict[str, Any] = {"command": "hf-tumor train " + " ".join(shlex.quote(a) for a in argv)}
     for group in groups:
         values = group.to_dict() if isinstance(group, TrainingArguments) else dataclasses.asdict(group)
         resolved[type(group).__name__] = values
+        if isinstance(group, ModelArguments):
+            resolved["earlier_stages"] = earlier_stages(group.init)
     resolved["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__, "timm": timm.__version__}
     resolved["hardware"] = hardware_description()
     (output_dir / ARGS_FILE).write_text(json.dumps(resolved, indent=2, default=str) + "\n")

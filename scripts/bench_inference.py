@@ -1,6 +1,6 @@
 """Inference latency and throughput per backend (PyTorch, ONNX Runtime fp32, ONNX Runtime int8).
 
-python scripts/bench_inference.py [--model DIR] [--image FILE] [--repeats 30] [--out benchmarks/inference.json]
+python scripts/bench_inference.py [--model DIR] [--image FILE] [--repeats 100] [--out benchmarks/inference.json]
 
 Run it on an idle machine: it measures wall time. Backends other than torch are those whose
 parity check passed (`hf-tumor export --model DIR --quantize int8`).
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--image", help="A JPEG slice (default: the first glioma slice of the Testing split).")
     parser.add_argument("--data_dir", help="Kaggle folder for the default image (default: $HF_TUMOR_DATA).")
     parser.add_argument("--backends", nargs="+", help="Subset of torch, onnx, onnx-int8 (default: all usable).")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=100, help="Timed calls of each stage, taken in turns.")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--out", default="benchmarks/inference.json")
     args = parser.parse_args()

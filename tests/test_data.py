@@ -141,3 +141,15 @@ def test_grayscale_and_rgb_inputs_give_three_channels(tmp_path):
     Image.fromarray(np.full((40, 50), 128, np.uint8), "L").save(gray)
     tensor = create_eval_transform(CFG)(load_image(gray))
     assert tensor.shape == (3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+
+
+def test_numpy_preprocessing_equals_timm_transform(slice_image):
+    """The ONNX backends' NumPy twin of ToTensor + Normalize gives timm's tensor bit for bit."""
+    from hf_tumor.preprocessing import create_eval_transform
+
+    transform = create_eval_transform(CFG)
+    for image in (slice_image.convert("RGB"), Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), np.uint8))):
+        expected = transform(image).numpy()
+        actual = transform.to_array(image)
+        assert actual.dtype == np.float32 and actual.shape == expected.shape
+        assert np.array_equal(actual, expected)

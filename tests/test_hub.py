@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForImageClassification
 
-from conftest import CLASSES, real_images
+from conftest import CLASSES, real_images, train_args
 from hf_tumor.hub import PushError, package_model, push
 
 pytestmark = pytest.mark.slow
@@ -125,3 +125,20 @@ def test_pipeline_on_the_packaged_model(packaged):
     assert classify.model.dtype == torch.float32
     out = classify(str(real_images("Testing", "glioma", 1)[0]), top_k=None)
     assert sorted(s["label"] for s in out) == CLASSES
+
+
+def test_a_model_trained_in_two_stages_records_and_describes_both(trained_model, tiny_data, tmp_path):
+    """Stage 2 continues from stage 1's folder: its arguments name stage 1, and the card reproduces both."""
+    from hf_tumor.training import main
+
+    stage2 = main(train_args(tiny_data, tmp_path / "stage2", "--init", str(trained_model), "--max_steps", "2"))
+    first = json.loads((trained_model / "train_args.json").read_text())
+    second = json.loads((stage2 / "train_args.json").read_text())
+    assert [stage["command"] for stage in second["earlier_stages"]] == [first["command"]]
+    assert second["earlier_stages"][0]["init"] == "scratch" and second["earlier_stages"][0]["continued_from"] == str(trained_model)
+    packaged = package_model(stage2, tmp_path / "packaged", REPO_ID)
+    card = ModelCard.load(packaged / "README.md")
+    assert card.data.base_model is None
+    assert "trained from scratch in 2 stages" in card.text
+    reproduce = card.text.split("## How to reproduce", 1)[1]
+    assert reproduce.index(first["command"]) < reproduce.index(second["command"])
