@@ -22,8 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-# A finished stage is not retrained (its last checkpoint is reloaded and evaluated again); an
-# interrupted one resumes from its last complete checkpoint.
+# A stage that was interrupted resumes from its last complete checkpoint when run again.
 train: setup
 	$(BIN)/hf-tumor train configs/reference.yaml --data_dir $(DATA) --output_dir $(STAGE1)
 	$(BIN)/hf-tumor train configs/reference-stage2.yaml --data_dir $(DATA) --output_dir $(OUT)
