@@ -140,8 +140,8 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas for this process; returns whether it applied (glibc only).
 
     Gradio serves requests from a pool of threads, and glibc gives each its own arena: under 16
-    clients the server's memory grew 13.9% in 60 s; with 2 arenas +1.8% (benchmarks/load.json), for
-    3.0 instead of 3.6 requests/s in that one pair of runs. Same as MALLOC_ARENA_MAX=2, set from inside.
+    clients the server's memory grew 13.9% in 60 s without the cap, 1.8% and 7.2% in two runs with
+    it (benchmarks/load.json holds the latest). Same as MALLOC_ARENA_MAX=2, set from inside.
     """
     import ctypes
     import ctypes.util

@@ -42,18 +42,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median wall time of each function, called in turn (a, b, c, a, b, c, ...).
 
@@ -97,7 +85,7 @@ def inference_benchmark(model: str, image: Path, backends: list[str] | None = No
         entry["end_to_end_over_forward"] = entry["end_to_end_ms"] / entry["forward_ms"]
         for batch_size in batch_sizes:
             batch = np.repeat(x, batch_size, axis=0)
-            seconds = median_seconds(lambda: predictor.logits(batch), max(3, repeats // batch_size), warmup=1)
+            seconds = interleaved_medians({"batch": lambda: predictor.logits(batch)}, max(3, repeats // batch_size), warmup=1)["batch"]
             entry["throughput_images_per_s"][str(batch_size)] = batch_size / seconds
         results[backend] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry.items()}
         results[backend]["throughput_images_per_s"] = {k: round(v, 1) for k, v in entry["throughput_images_per_s"].items()}

@@ -73,8 +73,8 @@ class EvalTransform:
     def to_array(self, image: PIL.Image.Image) -> np.ndarray:
         """``self(image)`` computed in NumPy, bit for bit (same float32 operations in the same order).
 
-        For ONNX Runtime: a 49k-element torch op wakes torch's intra-op threads, which then compete
-        with ORT's for the 2 cores during the forward that follows (about 1 ms a request here).
+        What prediction uses: a 49k-element torch op wakes torch's intra-op threads, which then
+        compete with ONNX Runtime's for the 2 cores during the forward that follows (about 1 ms a request).
         """
         pixels = np.asarray(self.resize(image), dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
         return (pixels - self.mean) / self.std
