@@ -79,7 +79,7 @@ class Classifier:
         self._cam_lock = threading.Lock()
 
     def predict(self, image: PIL.Image.Image, with_cam: bool = True) -> Result:
-        """Probabilities, Grad-CAM (unless ``with_cam`` is False) and out-of-distribution checks for one RGB image."""
+        """Probabilities, Grad-CAM (unless ``with_cam`` is False) and out-of-distribution checks for one RGB or grayscale image."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         x = self.predictor.preprocess([image])
@@ -102,7 +102,7 @@ def overlay(image: PIL.Image.Image, cam: np.ndarray, opacity: float = 0.45, max_
     """The Grad-CAM heatmap blended over the image (uint8 RGB, longest side at most ``max_side``)."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    shown = image.copy()
+    shown = image.convert("RGB")  # a copy, also for grayscale uploads
     shown.thumbnail((max_side, max_side))
     base = np.asarray(shown, dtype=np.float32) / 255
     heat = np.asarray(PIL.Image.fromarray((cam * 255).astype(np.uint8)).resize(shown.size, PIL.Image.BILINEAR)) / 255

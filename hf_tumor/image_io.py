@@ -58,7 +58,10 @@ def _to_8bit(pixels: np.ndarray) -> PIL.Image.Image:
 
 
 def read_image(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open an uploaded file as an upright RGB image, or raise InputError saying why not.
+    """Open an uploaded file as an upright RGB or grayscale image, or raise InputError saying why not.
+
+    A grayscale file stays grayscale ('L'): the model's transform repeats its one channel after the
+    resize, which gives the same input as converting it first and saves two thirds of the resize.
 
     Handles JPEG/PNG/other PIL formats and DICOM; 16-bit, palette, CMYK, RGBA and animated images
     are converted (first frame); EXIF rotation is applied. Files over MAX_UPLOAD_BYTES and images
@@ -103,4 +106,4 @@ def read_image(path: str | os.PathLike) -> PIL.Image.Image:
             image = PIL.Image.alpha_composite(background, rgba)
     if min(image.size) < MIN_SIDE:
         raise InputError(f"The image is {image.width} x {image.height} pixels; at least {MIN_SIDE} x {MIN_SIDE} is needed.")
-    return image.convert("RGB")
+    return image if image.mode == "L" else image.convert("RGB")

@@ -88,7 +88,7 @@ class Predictor:
         self.transform = create_eval_transform(self.config.pretrained_cfg)
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
-        """RGB images to the normalized NCHW float32 batch the model takes (timm's transform, in NumPy)."""
+        """RGB or grayscale images to the normalized NCHW float32 batch the model takes (timm's transform, in NumPy)."""
         return np.stack([self.transform.to_array(image) for image in images])
 
     def logits(self, pixel_values: np.ndarray) -> np.ndarray:

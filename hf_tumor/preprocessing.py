@@ -71,12 +71,16 @@ class EvalTransform:
         return self.to_tensor(self.resize(image))
 
     def to_array(self, image: PIL.Image.Image) -> np.ndarray:
-        """``self(image)`` computed in NumPy, bit for bit (same float32 operations in the same order).
+        """``self(image.convert("RGB"))`` computed in NumPy, bit for bit (same float32 operations in the
+        same order), for an RGB or a grayscale ('L') image.
 
         What prediction uses: a 49k-element torch op wakes torch's intra-op threads, which then
         compete with ONNX Runtime's for the 2 cores during the forward that follows (about 1 ms a request).
+        A grayscale image is resized as one channel and repeated: Pillow resizes each channel on its
+        own, so this equals resizing the RGB conversion, for a third of the work (1.2 ms less at 512 px).
         """
-        pixels = np.asarray(self.resize(image), dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
+        pixels = np.asarray(self.resize(image), dtype=np.float32) / np.float32(255)
+        pixels = np.broadcast_to(pixels, (3, *pixels.shape)) if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         return (pixels - self.mean) / self.std
 
 

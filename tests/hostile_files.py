@@ -51,6 +51,7 @@ def _exif_rotated(image: PIL.Image.Image, path: Path) -> Path:
 
 GOOD = {
     "jpeg": lambda d, im: Path(real_images("Testing", "meningioma", 1)[0]),
+    "grayscale jpeg": lambda d, im: _save(im.convert("L"), d / "gray.jpg"),
     "rgba png": lambda d, im: _save(im.convert("RGBA"), d / "rgba.png"),
     "palette png": lambda d, im: _save(im.convert("P"), d / "p.png"),
     "cmyk jpeg": lambda d, im: _save(im.convert("CMYK"), d / "cmyk.jpg"),

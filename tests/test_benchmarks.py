@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import PIL.Image
 import pytest
 
 from conftest import REPO, real_images
@@ -23,14 +24,19 @@ def run_script(name: str, *args: str, timeout: int = 900) -> subprocess.Complete
 
 def test_bench_inference_reports_every_stage(trained_model: Path, tmp_path: Path):
     out = tmp_path / "inference.json"
-    run_script("bench_inference.py", "--model", str(trained_model), "--image", str(real_images("Testing", "glioma", 1)[0]),
+    rgb = real_images("Testing", "glioma", 1)[0]
+    gray = tmp_path / "gray.jpg"
+    PIL.Image.open(rgb).convert("L").save(gray)
+    run_script("bench_inference.py", "--model", str(trained_model), "--images", str(gray), str(rgb),
                "--repeats", "3", "--batch_sizes", "1", "4", "--out", str(out))
     report = json.loads(out.read_text())
     torch_ = report["backends"]["torch"]
     assert set(report["backends"]) == {"torch"}  # the tiny model has no checked ONNX export
+    assert {kind: entry["file"] for kind, entry in torch_["files"].items()} == {"gray": str(gray), "rgb": str(rgb)}
     # no ordering between the figures: at 3 repeats on a busy machine, timings are noise
-    assert all(torch_[key] > 0 for key in ("forward_ms", "end_to_end_ms", "read_ms", "preprocess_ms"))
-    assert torch_["end_to_end_over_forward"] == pytest.approx(torch_["end_to_end_ms"] / torch_["forward_ms"], rel=0.01)
+    for entry in torch_["files"].values():
+        assert all(entry[key] > 0 for key in ("forward_ms", "end_to_end_ms", "read_ms", "preprocess_ms"))
+        assert entry["end_to_end_over_forward"] == pytest.approx(entry["end_to_end_ms"] / entry["forward_ms"], rel=0.01)
     assert set(torch_["throughput_images_per_s"]) == {"1", "4"}
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["versions"]["torch"]
 

@@ -60,3 +60,21 @@ def test_predict_uses_the_bundled_model_by_default():
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"model {BUNDLED_MODEL}, backend onnx-int8" in result.stderr
     assert json.loads(result.stdout)["label"] in CLASSES
+
+
+def test_colour_is_no_shortcut():
+    """The only slices whose three channels differ (95 in Training, 31 in Testing) are all notumor:
+    the model must not have learnt "faint colour means no tumour". Removing the colour changes nothing."""
+    import numpy as np
+
+    from hf_tumor.image_io import read_image
+    from hf_tumor.inference import load_predictor
+
+    predictor = load_predictor(BUNDLED_MODEL, "torch")
+    images = [read_image(p) for p in sorted((SHARED_DATA / "Testing" / "notumor").iterdir())]
+    coloured = [im for im in images if im.mode == "RGB" and np.ptp(np.asarray(im), axis=2).max() > 0][:16]
+    assert len(coloured) == 16
+    as_stored = predictor.probabilities(coloured)
+    as_gray = predictor.probabilities([image.convert("L") for image in coloured])
+    np.testing.assert_array_equal(as_gray.argmax(1), as_stored.argmax(1))
+    assert np.abs(as_gray - as_stored).max() < 0.05

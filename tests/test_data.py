@@ -143,6 +143,17 @@ def test_grayscale_and_rgb_inputs_give_three_channels(tmp_path):
     assert tensor.shape == (3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
 
 
+def test_grayscale_preprocessing_equals_rgb_conversion(slice_image):
+    """A grayscale image is resized as one channel: the same input as its RGB conversion, bit for bit."""
+    from hf_tumor.preprocessing import create_eval_transform
+
+    transform = create_eval_transform(CFG)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (41, 67), np.uint8), "L")
+    for gray in (slice_image.convert("L"), noise):
+        assert gray.mode == "L"
+        assert np.array_equal(transform.to_array(gray), transform.to_array(gray.convert("RGB")))
+
+
 def test_numpy_preprocessing_equals_timm_transform(slice_image):
     """The ONNX backends' NumPy twin of ToTensor + Normalize gives timm's tensor bit for bit."""
     from hf_tumor.preprocessing import create_eval_transform
