@@ -155,7 +155,7 @@ def test_grayscale_preprocessing_equals_rgb_conversion(slice_image):
 
 
 def test_numpy_preprocessing_equals_timm_transform(slice_image):
-    """The ONNX backends' NumPy twin of ToTensor + Normalize gives timm's tensor bit for bit."""
+    """Prediction's NumPy twin of ToTensor + Normalize (every backend uses it) gives timm's tensor bit for bit."""
     from hf_tumor.preprocessing import create_eval_transform
 
     transform = create_eval_transform(CFG)
