@@ -144,14 +144,23 @@ def test_grayscale_and_rgb_inputs_give_three_channels(tmp_path):
 
 
 def test_grayscale_preprocessing_equals_rgb_conversion(slice_image):
-    """A grayscale image is resized as one channel: the same input as its RGB conversion, bit for bit."""
-    from hf_tumor.preprocessing import create_eval_transform
+    """A grayscale image, or an RGB one with three equal channels, is resized as one channel: the same
+    input as timm's transform of the RGB conversion, bit for bit; one differing pixel makes it colour."""
+    from hf_tumor.preprocessing import create_eval_transform, gray_if_neutral
 
     transform = create_eval_transform(CFG)
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (41, 67), np.uint8), "L")
     for gray in (slice_image.convert("L"), noise):
-        assert gray.mode == "L"
-        assert np.array_equal(transform.to_array(gray), transform.to_array(gray.convert("RGB")))
+        rgb = gray.convert("RGB")
+        expected = transform(rgb).numpy()
+        assert gray_if_neutral(rgb).mode == "L"
+        assert np.array_equal(transform.to_array(gray), expected)
+        assert np.array_equal(transform.to_array(rgb), expected)
+        tinted = np.array(rgb)
+        tinted[20, 30, 2] ^= 1  # one blue value off by one
+        tinted = Image.fromarray(tinted)
+        assert gray_if_neutral(tinted) is tinted
+        assert np.array_equal(transform.to_array(tinted), transform(tinted).numpy())
 
 
 def test_numpy_preprocessing_equals_timm_transform(slice_image):
