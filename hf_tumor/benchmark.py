@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import PIL.Image
 import torch
 
 from hf_tumor.calibration import softmax
 from hf_tumor.image_io import InputError, read_image
 from hf_tumor.inference import load_predictor
 from hf_tumor.export import passed_backends
+from hf_tumor.preprocessing import gray_if_neutral
 
 
 def machine() -> dict[str, Any]:
@@ -60,13 +62,23 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+FILE_KINDS = ("gray", "rgb", "colour")
+
+
+def file_kind(image: PIL.Image.Image) -> str:
+    """'gray' for a grayscale file, 'rgb' for an RGB one with three equal channels (decoded as three,
+    resized as one), 'colour' for a truly coloured one (decoded and resized as three)."""
+    if image.mode == "L":
+        return "gray"
+    return "rgb" if gray_if_neutral(image).mode == "L" else "colour"
+
+
 def inference_benchmark(model: str, images: list[Path], backends: list[str] | None = None, repeats: int = 100,
                         batch_sizes: tuple[int, ...] = (1, 8, 32)) -> dict[str, Any]:
     """Per backend: for each file, bare forward and end-to-end (file -> probabilities) batch-1 latency
     with the stages between; and forward throughput at each batch size.
 
-    Files are keyed by what ``read_image`` makes of them, 'gray' or 'rgb': a grayscale JPEG is
-    decoded and resized as one channel, an RGB one (even of a grayscale slice) as three.
+    Files are keyed by ``file_kind``: each kind takes its own path through decoding and preprocessing.
     """
     backends = backends or ["torch", *passed_backends(model)]
     decoded: dict[str, tuple[Path, Any]] = {}
@@ -75,9 +87,10 @@ def inference_benchmark(model: str, images: list[Path], backends: list[str] | No
             image = read_image(path)
         except InputError as err:
             raise InputError(f"{path}: {err}") from None
-        kind = "gray" if image.mode == "L" else "rgb"
+        kind = file_kind(image)
         if kind in decoded:
-            raise ValueError(f"{path} and {decoded[kind][0]} are both {kind}: time one grayscale and one RGB file at most.")
+            raise ValueError(f"{path} and {decoded[kind][0]} are both {kind}: time one file of each kind "
+                             f"({', '.join(FILE_KINDS)}) at most.")
         decoded[kind] = (path, image)
     results: dict[str, Any] = {}
     for backend in backends:

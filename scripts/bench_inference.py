@@ -10,19 +10,29 @@ import argparse
 import json
 from pathlib import Path
 
-import PIL.Image
-
-from hf_tumor.benchmark import inference_benchmark
+from hf_tumor.benchmark import FILE_KINDS, file_kind, inference_benchmark
 from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
+from hf_tumor.image_io import read_image
 from hf_tumor.model import default_model
+
+
+def first_of_each_kind(root: Path) -> list[Path]:
+    """The Testing split's first file of each kind, in class-folder order."""
+    found: dict[str, Path] = {}
+    for name in check_layout(root):
+        for path in image_files(root / SPLIT_DIRS["test"] / name):
+            found.setdefault(file_kind(read_image(path)), path)
+            if len(found) == len(FILE_KINDS):
+                return [found[kind] for kind in FILE_KINDS]
+    return list(found.values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Local model folder (default: the bundled model).")
     parser.add_argument("--images", nargs="+", type=Path,
-                        help="Slices to time end to end (default: the first grayscale and the first RGB JPEG "
-                             "among the Testing split's glioma slices; the dataset has both).")
+                        help="Slices to time end to end, one of each kind at most: grayscale, RGB with equal "
+                             "channels, coloured (default: the Testing split's first of each; the dataset has all three).")
     parser.add_argument("--data_dir", help="Kaggle folder for the default image (default: $HF_TUMOR_DATA).")
     parser.add_argument("--backends", nargs="+", help="Subset of torch, onnx, onnx-int8 (default: all usable).")
     parser.add_argument("--repeats", type=int, default=100, help="Timed calls of each stage, taken in turns.")
@@ -31,9 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     images = args.images
     if not images:
-        root = resolve_data_dir(args.data_dir)
-        files = image_files(root / SPLIT_DIRS["test"] / check_layout(root)[0])
-        images = [next(f for f in files if (PIL.Image.open(f).mode == "L") == gray) for gray in (True, False)]
+        images = first_of_each_kind(resolve_data_dir(args.data_dir))
     try:
         report = inference_benchmark(args.model or default_model(), images, args.backends, args.repeats, tuple(args.batch_sizes))
     except ValueError as err:  # an unreadable file (InputError) or two files of one kind

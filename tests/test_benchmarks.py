@@ -24,21 +24,32 @@ def run_script(name: str, *args: str, timeout: int = 900) -> subprocess.Complete
 
 def test_bench_inference_reports_every_stage(trained_model: Path, tmp_path: Path):
     out = tmp_path / "inference.json"
-    rgb = real_images("Testing", "glioma", 1)[0]
-    gray = tmp_path / "gray.jpg"
-    PIL.Image.open(rgb).convert("L").save(gray)
-    run_script("bench_inference.py", "--model", str(trained_model), "--images", str(gray), str(rgb),
+    gray = PIL.Image.open(real_images("Testing", "glioma", 1)[0]).convert("L")
+    files = {"gray": tmp_path / "gray.png", "rgb": tmp_path / "rgb.png", "colour": tmp_path / "colour.png"}
+    gray.save(files["gray"])
+    gray.convert("RGB").save(files["rgb"])  # three equal channels (PNG: lossless)
+    PIL.Image.merge("RGB", (gray, gray, gray.point(lambda v: v // 2))).save(files["colour"])
+    run_script("bench_inference.py", "--model", str(trained_model), "--images", *map(str, files.values()),
                "--repeats", "3", "--batch_sizes", "1", "4", "--out", str(out))
     report = json.loads(out.read_text())
     torch_ = report["backends"]["torch"]
     assert set(report["backends"]) == {"torch"}  # the tiny model has no checked ONNX export
-    assert {kind: entry["file"] for kind, entry in torch_["files"].items()} == {"gray": str(gray), "rgb": str(rgb)}
+    assert {kind: entry["file"] for kind, entry in torch_["files"].items()} == {k: str(v) for k, v in files.items()}
     # no ordering between the figures: at 3 repeats on a busy machine, timings are noise
     for entry in torch_["files"].values():
         assert all(entry[key] > 0 for key in ("forward_ms", "end_to_end_ms", "read_ms", "preprocess_ms"))
         assert entry["end_to_end_over_forward"] == pytest.approx(entry["end_to_end_ms"] / entry["forward_ms"], rel=0.01)
     assert set(torch_["throughput_images_per_s"]) == {"1", "4"}
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["versions"]["torch"]
+
+
+def test_bench_inference_refuses_two_files_of_one_kind(trained_model: Path, tmp_path: Path):
+    first = real_images("Testing", "glioma", 1)[0]
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_inference.py"), "--model", str(trained_model),
+                             "--images", str(first), str(first), "--out", str(tmp_path / "x.json")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "time one file of each kind" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.json").exists()
 
 
 def test_bench_train_compares_loader_bare_loop_and_trainer(tiny_data: Path, tmp_path: Path):
