@@ -20,6 +20,7 @@ import torch
 from hf_tumor.calibration import softmax
 from hf_tumor.image_io import InputError, read_image
 from hf_tumor.inference import load_predictor
+from hf_tumor.data import SPLIT_DIRS, check_layout, image_files
 from hf_tumor.export import passed_backends
 from hf_tumor.preprocessing import gray_if_neutral
 
@@ -71,6 +72,17 @@ def file_kind(image: PIL.Image.Image) -> str:
     if image.mode == "L":
         return "gray"
     return "rgb" if gray_if_neutral(image).mode == "L" else "colour"
+
+
+def first_of_each_kind(root: Path) -> list[Path]:
+    """The Testing split's first file of each kind, in class-folder order."""
+    found: dict[str, Path] = {}
+    for name in check_layout(root):
+        for path in image_files(root / SPLIT_DIRS["test"] / name):
+            found.setdefault(file_kind(read_image(path)), path)
+            if len(found) == len(FILE_KINDS):
+                return [found[kind] for kind in FILE_KINDS]
+    return list(found.values())
 
 
 def inference_benchmark(model: str, images: list[Path], backends: list[str] | None = None, repeats: int = 100,

@@ -10,21 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from hf_tumor.benchmark import FILE_KINDS, file_kind, inference_benchmark
-from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
-from hf_tumor.image_io import read_image
+from hf_tumor.benchmark import first_of_each_kind, inference_benchmark
+from hf_tumor.data import resolve_data_dir
 from hf_tumor.model import default_model
-
-
-def first_of_each_kind(root: Path) -> list[Path]:
-    """The Testing split's first file of each kind, in class-folder order."""
-    found: dict[str, Path] = {}
-    for name in check_layout(root):
-        for path in image_files(root / SPLIT_DIRS["test"] / name):
-            found.setdefault(file_kind(read_image(path)), path)
-            if len(found) == len(FILE_KINDS):
-                return [found[kind] for kind in FILE_KINDS]
-    return list(found.values())
 
 
 def main() -> None:
