@@ -25,6 +25,9 @@ from hf_tumor.export import passed_backends
 from hf_tumor.preprocessing import gray_if_neutral
 
 
+CPU_FEATURES = ("avx2", "avx512", "vnni", "avx512_bf16", "amx_tile", "amx_fp16")
+
+
 def machine() -> dict[str, Any]:
     """Where and with what a benchmark ran."""
     cpu = platform.processor() or ""
@@ -38,8 +41,11 @@ def machine() -> dict[str, Any]:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
+    # The same "AMD EPYC" name has come with AVX2 only and with AVX512-BF16/VNNI: 3x apart for bf16
+    # training and int8 inference, so the instruction sets that decide it are recorded too.
+    features = [name for name in CPU_FEATURES if getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()]
     return {
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "cpu": cpu, "cpu_features": features, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(), "versions": versions,
     }

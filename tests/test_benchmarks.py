@@ -56,13 +56,20 @@ def test_bench_train_compares_loader_bare_loop_and_trainer(tiny_data: Path, tmp_
     out = tmp_path / "train.json"
     run_script("bench_train.py", "--data_dir", str(tiny_data), "--sizes", "64", "--batch_size", "4", "--steps", "2",
                "--warmup", "1", "--out", str(out))
-    runs = json.loads(out.read_text())["runs"]
+    report = json.loads(out.read_text())
+    runs = report["runs"]
     fp32 = next(r for r in runs if r["precision"] == "fp32")
     assert fp32["image_size"] == 64 and fp32["loader_images_per_s"] > 0
     assert fp32["bare_loop_images_per_s"] > 0 and fp32["trainer_images_per_s"] > 0
     assert fp32["trainer_peak_rss_mb"] > 100
     bf16 = next(r for r in runs if r["precision"] == "bf16")
-    assert "skipped" in bf16 or bf16["trainer_images_per_s"] > 0
+    # bf16 is measured exactly where the recorded instruction sets have it natively (CPU CI machines
+    # have come both ways, so either branch may run)
+    native = bool({"avx512_bf16", "amx_tile"} & set(report["machine"]["cpu_features"]))
+    if native:
+        assert bf16["trainer_images_per_s"] > 0 and bf16["bare_loop_images_per_s"] > 0
+    else:
+        assert bf16["skipped"] == "no native bf16 on this hardware"
 
 
 def test_bench_load_serves_concurrent_clients(trained_model: Path, tiny_data: Path, tmp_path: Path):

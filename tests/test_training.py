@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForImageClassification, pipeline
 
 from conftest import CLASSES, REPO, TEST_IMAGE_SIZE, train_args
@@ -96,6 +97,15 @@ def test_argument_file_with_overrides(tmp_path):
     args_file.write_text("imagesize: 96\n")
     with pytest.raises(SystemExit, match="unknown argument.*imagesize"):
         parse_args([str(args_file)])
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_committed_argument_files_parse(config: Path):
+    # every recorded recipe in docs/experiments.md must still be runnable as written
+    values = yaml.safe_load(config.read_text())
+    data_args, model_args, _, training = parse_args([str(config)])
+    assert data_args.image_size == values["image_size"] and model_args.init == values["init"]
+    assert training.learning_rate == values["learning_rate"] and training.num_train_epochs == values["num_train_epochs"]
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_data: Path, tmp_path: Path):
