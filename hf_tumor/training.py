@@ -69,6 +69,11 @@ class ModelArguments:
         metadata={"help": "Recompute BatchNorm statistics on this many (unaugmented) training images before each "
                           "evaluation and at the end (0: off). Running averages lag badly early in from-scratch training."},
     )
+    decay_norm_and_bias: bool = field(
+        default=False,
+        metadata={"help": "Apply weight decay to biases and norm weights too, as a bare "
+                          "torch.optim.AdamW(model.parameters()) does (the Trainer exempts them)."},
+    )
     early_stopping_patience: int = field(
         default=5, metadata={"help": "Stop after this many evaluations without a better validation macro-F1 (0: never)."}
     )
@@ -172,11 +177,18 @@ def recompute_batchnorm_stats(model: torch.nn.Module, batches: Iterable[torch.Te
 
 
 class PreciseBNTrainer(Trainer):
-    """A Trainer that recomputes BatchNorm statistics before every evaluation (so before every checkpoint)."""
+    """A Trainer that recomputes BatchNorm statistics before every evaluation (so before every checkpoint),
+    and optionally decays every parameter (``decay_everything``) instead of exempting biases and norms."""
 
-    def __init__(self, *args, bn_view: Dataset | None = None, **kwargs):
+    def __init__(self, *args, bn_view: Dataset | None = None, decay_everything: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.bn_view = bn_view
+        self.decay_everything = decay_everything
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        if self.decay_everything:
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
 
     def evaluate(self, *args, **kwargs):
         if self.bn_view is not None and len(self.bn_view):
@@ -305,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         bn_view = attach_transforms(subset.select(range(min(model_args.precise_bn_images, len(subset)))), pretrained_cfg)
     trainer = PreciseBNTrainer(
         bn_view=bn_view,
+        decay_everything=model_args.decay_norm_and_bias,
         model=model,
         args=training_args,
         train_dataset=attach_transforms(splits["train"], pretrained_cfg, augment),

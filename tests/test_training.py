@@ -108,6 +108,29 @@ def test_committed_argument_files_parse(config: Path):
     assert training.learning_rate == values["learning_rate"] and training.num_train_epochs == values["num_train_epochs"]
 
 
+@pytest.mark.parametrize("decay_everything", [False, True])
+def test_weight_decay_exemptions(tmp_path: Path, decay_everything: bool):
+    from transformers import TrainingArguments
+
+    from hf_tumor.model import create_model
+    from hf_tumor.training import PreciseBNTrainer
+
+    model = create_model("resnetv2_50", CLASSES, image_size=TEST_IMAGE_SIZE, init="scratch")
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.05, use_cpu=True, report_to="none")
+    trainer = PreciseBNTrainer(model=model, args=args, decay_everything=decay_everything)
+    groups = {group["weight_decay"]: group["params"] for group in trainer.create_optimizer().param_groups}
+    decayed = {id(p) for p in groups[0.05]}
+    names = {name: id(p) in decayed for name, p in model.named_parameters()}
+    assert any(name.endswith("conv.weight") and names[name] for name in names)  # convs are always decayed
+    # by default the Trainer exempts every bias (BatchNorm shifts included) and the final norm's weight;
+    # a bare AdamW over model.parameters() (issue 4's baseline) decays them all
+    exempt = {name for name, is_decayed in names.items() if not is_decayed}
+    if decay_everything:
+        assert not exempt and len(groups.get(0.0, [])) == 0
+    else:
+        assert exempt == {n for n in names if n.endswith(".bias")} | {"timm_model.norm.weight"}
+
+
 def test_resume_continues_from_the_last_checkpoint(tiny_data: Path, tmp_path: Path):
     from hf_tumor.training import main
 
