@@ -23,29 +23,19 @@ from hf_tumor.inference import load_predictor
 from hf_tumor.data import SPLIT_DIRS, check_layout, image_files
 from hf_tumor.export import passed_backends
 from hf_tumor.preprocessing import gray_if_neutral
-
-
-CPU_FEATURES = ("avx2", "avx512", "vnni", "avx512_bf16", "amx_tile", "amx_fp16")
+from hf_tumor.training import TRAINING_DEFAULTS, cpu_features, cpu_name
 
 
 def machine() -> dict[str, Any]:
     """Where and with what a benchmark ran."""
-    cpu = platform.processor() or ""
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
     versions = {}
     for package in ("torch", "timm", "transformers", "onnxruntime"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
-    # The same "AMD EPYC" name has come with AVX2 only and with AVX512-BF16/VNNI: 3x apart for bf16
-    # training and int8 inference, so the instruction sets that decide it are recorded too.
-    features = [name for name in CPU_FEATURES if getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()]
     return {
-        "platform": platform.platform(), "cpu": cpu, "cpu_features": features, "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "cpu": cpu_name(), "cpu_features": cpu_features(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(), "versions": versions,
     }
@@ -253,7 +243,6 @@ def train_benchmark(data_dir: str | os.PathLike, image_size: int, precision: str
 
     from hf_tumor.data import collate, resolve_data_dir
     from hf_tumor.model import create_model
-    from hf_tumor.training import TRAINING_DEFAULTS
 
     view = _train_view(resolve_data_dir(data_dir), image_size, model_name)
     workers = TRAINING_DEFAULTS["dataloader_num_workers"]

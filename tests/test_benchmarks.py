@@ -11,8 +11,7 @@ import PIL.Image
 import pytest
 
 from conftest import REPO, real_images
-from hf_tumor.benchmark import CPU_FEATURES
-from hf_tumor.training import bf16_available
+from hf_tumor.training import CPU_FEATURES, bf16_available
 
 pytestmark = pytest.mark.slow
 
