@@ -154,8 +154,16 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
+def _train_bare(argv: Sequence[str]) -> int:
+    from hf_tumor.bare_loop import train_bare
+
+    train_bare(argv)
+    return 0
+
+
 COMMANDS = {
     "train": (_train, "train a model folder (same flags as scripts/train.py; --help lists them)"),
+    "train-bare": (_train_bare, "the same with a bare PyTorch loop instead of the Trainer (a control experiment)"),
     "evaluate": (_evaluate, "evaluate on official and leak-free test, calibrate on validation"),
     "audit": (_audit, "find duplicates and train/test leakage in a data folder"),
     "export": (_export, "export a model folder to ONNX (optionally int8) and check parity"),
@@ -168,7 +176,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: hf-tumor COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = COMMANDS[argv[0]][0], argv[1:]

@@ -82,9 +82,10 @@ def bootstrap_ci(predictions: np.ndarray, references: np.ndarray, n: int = 1000,
 def predict_logits(model: torch.nn.Module, view: Dataset, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels for every row of an ``attach_transforms`` view, in order, in fp32."""
     model.eval()
+    device = next(model.parameters()).device
     logits, labels = [], []
     for batch in iterate_batches(view, batch_size):
-        logits.append(model(pixel_values=batch["pixel_values"]).logits.float())
+        logits.append(model(pixel_values=batch["pixel_values"].to(device)).logits.float().cpu())
         labels.append(batch["labels"])
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 

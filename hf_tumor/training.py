@@ -24,7 +24,7 @@ import timm
 import torch
 import transformers
 import yaml
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from transformers import EarlyStoppingCallback, EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -250,9 +250,9 @@ def earlier_stages(init: str) -> list[dict[str, Any]]:
     return [*args.get("earlier_stages", []), stage]
 
 
-def save_resolved_args(output_dir: Path, argv: Sequence[str], *groups: Any) -> None:
+def save_resolved_args(output_dir: Path, argv: Sequence[str], *groups: Any, program: str = "hf-tumor train") -> None:
     """The arguments this run actually used (and the runs it continued), for the model card and for reproducing it."""
-    resolved: dict[str, Any] = {"command": "hf-tumor train " + " ".join(shlex.quote(a) for a in argv)}
+    resolved: dict[str, Any] = {"command": f"{program} " + " ".join(shlex.quote(a) for a in argv)}
     for group in groups:
         values = group.to_dict() if isinstance(group, TrainingArguments) else dataclasses.asdict(group)
         resolved[type(group).__name__] = values
@@ -296,14 +296,19 @@ def setup_logging(training_args: TrainingArguments | None = None) -> None:
     transformers.utils.logging.set_verbosity_warning()
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Train a model folder from the command line; returns its path."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    data_args, model_args, augment, training_args = parse_args(argv)
-    setup_logging(training_args)
-    transformers.set_seed(training_args.seed)
-    output_dir = Path(training_args.output_dir)
+@dataclass
+class PreparedData:
+    """What a training loop needs from the data folder; the audit is kept for the test evaluation."""
 
+    data_dir: Path
+    pretrained_cfg: dict[str, Any]
+    audit: dict[str, Any]
+    splits: DatasetDict  # train / validation / test, decoded, resized and cached
+    names: list[str]
+
+
+def prepare_data(data_args: DataArguments, model_args: ModelArguments, training_args: TrainingArguments) -> PreparedData:
+    """Audit the data folder, then decode, cache and split it, as every training loop here sees it."""
     data_dir = resolve_data_dir(data_args.data_dir)
     pretrained_cfg = make_pretrained_cfg(model_args.model_name, data_args.image_size)
     with training_args.main_process_first(desc="audit, decode and cache the images"):
@@ -318,8 +323,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
     names = class_names(splits["train"])
     logger.info("classes %s; train %d, validation %d, test %d images",
                 names, len(splits["train"]), len(splits["validation"]), len(splits["test"]))
+    return PreparedData(data_dir, pretrained_cfg, audit, splits, names)
 
-    model = create_model(model_args.model_name, names, data_args.image_size, model_args.init, model_args.drop_rate)
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Train a model folder from the command line; returns its path."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    data_args, model_args, augment, training_args = parse_args(argv)
+    setup_logging(training_args)
+    transformers.set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+
+    data = prepare_data(data_args, model_args, training_args)
+    splits, pretrained_cfg = data.splits, data.pretrained_cfg
+
+    model = create_model(model_args.model_name, data.names, data_args.image_size, model_args.init, model_args.drop_rate)
     if model_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     callbacks = []
@@ -337,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         train_dataset=attach_transforms(splits["train"], pretrained_cfg, augment),
         eval_dataset=attach_transforms(splits["validation"], pretrained_cfg),
         data_collator=collate,
-        compute_metrics=compute_metrics_for(names),
+        compute_metrics=compute_metrics_for(data.names),
         callbacks=callbacks,
     )
 
@@ -363,5 +381,5 @@ def main(argv: Sequence[str] | None = None) -> Path:
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         logger.info("model folder written to %s", output_dir)
         if data_args.evaluate_test:
-            evaluate_model(output_dir, data_dir, audit=audit)
+            evaluate_model(output_dir, data.data_dir, audit=data.audit)
     return output_dir
