@@ -30,6 +30,18 @@ from hf_tumor.training import parse_args, prepare_data, save_resolved_args, setu
 logger = logging.getLogger("hf_tumor")
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               device: torch.device, bf16: bool, label_smoothing: float = 0.0) -> float:
+    """One step of a hand-written loop (forward under optional bf16 autocast, backward, update); returns the loss."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(pixel_values=batch["pixel_values"].to(device)).logits
+    loss = F.cross_entropy(logits.float(), batch["labels"].to(device), label_smoothing=label_smoothing)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train_bare(argv: Sequence[str]) -> Path:
     """Train and evaluate a model folder with a bare loop; returns its path."""
     data_args, model_args, augment, training_args = parse_args(argv)
@@ -61,14 +73,8 @@ def train_bare(argv: Sequence[str]) -> Path:
         model.train()
         losses = []
         for batch in loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=training_args.bf16):
-                logits = model(pixel_values=batch["pixel_values"].to(device)).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"].to(device), label_smoothing=training_args.label_smoothing_factor)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            losses.append(train_step(model, optimizer, batch, device, training_args.bf16, training_args.label_smoothing_factor))
             schedule.step()
-            losses.append(loss.item())
         logits, labels = predict_logits(model, validation, training_args.per_device_eval_batch_size)
         report = classification_metrics(np.argmax(logits, axis=-1), labels, data.names)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "validation_accuracy": report["accuracy"],

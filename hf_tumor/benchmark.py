@@ -236,11 +236,12 @@ def _train_view(data_dir: Path, image_size: int, model_name: str):
 
 def train_benchmark(data_dir: str | os.PathLike, image_size: int, precision: str, batch_size: int = 32,
                     steps: int = 5, warmup: int = 2, model_name: str = "resnetv2_50") -> dict[str, Any]:
-    """Images/s and peak memory of (a) the data loader alone, (b) a bare PyTorch training loop and (c)
+    """Images/s and peak memory of (a) the data loader alone, (b) the bare loop's step (`train-bare`) and (c)
     the Trainer on the same model, size, batch and precision, in this one process."""
     from torch.utils.data import DataLoader
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from hf_tumor.bare_loop import train_step
     from hf_tumor.data import collate, resolve_data_dir
     from hf_tumor.model import create_model
 
@@ -267,11 +268,7 @@ def train_benchmark(data_dir: str | os.PathLike, image_size: int, precision: str
     with _PeakRSS() as bare_memory:
         for batch in kept:
             t0 = time.perf_counter()
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                out = model(pixel_values=batch["pixel_values"].to(device), labels=batch["labels"].to(device))
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, batch, torch.device(device), bf16)
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
