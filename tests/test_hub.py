@@ -40,6 +40,8 @@ def test_card_metadata_round_trip(packaged, trained_model):
         assert needle in text, needle
     assert f"{results['audit']['test_with_train_twin']} of its {results['audit']['num_images']['test']}" in text
     assert "{{" not in text and "}}" not in text
+    clipping = json.loads((trained_model / "train_args.json").read_text())["TrainingArguments"]["max_grad_norm"]
+    assert f"| gradient clipping (max norm) | {clipping or 'none'} |" in text
 
 
 def test_packaged_weights_are_fp16_and_load_in_fp32_everywhere(packaged, trained_model):
