@@ -5,7 +5,8 @@ augmentation, model, learning-rate schedule, model folder and evaluation; only t
 it differs the way a hand-written loop does: ``torch.optim.AdamW(model.parameters())`` (every bias
 and norm decayed), no gradient clipping, BatchNorm running averages as training leaves them, the last
 epoch's weights kept. A gap between the two on one argument file is a gap in the loop, not the recipe.
-Ignored here: early stopping, checkpoints, precise BN, ``--max_grad_norm``, ``--decay_norm_and_bias``.
+Ignored here, and recorded in ``train_args.json`` as what the loop does: early stopping, precise BN,
+``--max_grad_norm``, ``--decay_norm_and_bias``; there are no checkpoints.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
 def train_bare(argv: Sequence[str]) -> Path:
     """Train and evaluate a model folder with a bare loop; returns its path."""
     data_args, model_args, augment, training_args = parse_args(argv)
+    # The flags this loop ignores, set to what it does, so that train_args.json and the model card tell the truth.
+    training_args.max_grad_norm = 0.0
+    model_args.decay_norm_and_bias, model_args.precise_bn_images, model_args.early_stopping_patience = True, 0, 0
     setup_logging(training_args)
     output_dir = Path(training_args.output_dir)
     if (output_dir / "config.json").exists():  # no checkpoints to resume from: never overwrite a finished run

@@ -211,6 +211,9 @@ def test_bare_loop_control_experiment(tiny_data: Path, tmp_path: Path):
     assert results["splits"]["validation"]["accuracy"] == pytest.approx(history[-1]["validation_accuracy"])
     resolved = json.loads((out / "train_args.json").read_text())
     assert resolved["command"].startswith("hf-tumor train-bare ")
+    # what the loop did, not the flags it ignores (their defaults ask for clipping at 1.0 and precise BN)
+    assert resolved["TrainingArguments"]["max_grad_norm"] == 0
+    assert resolved["ModelArguments"]["decay_norm_and_bias"] is True and resolved["ModelArguments"]["precise_bn_images"] == 0
     assert load_model(out).config.label_names == CLASSES
     # no checkpoints to resume from, so a second run into the same folder refuses instead of overwriting
     weights = (out / "model.safetensors").read_bytes()
