@@ -20,7 +20,7 @@ import torch
 
 from hf_tumor.calibration import softmax
 from hf_tumor.evaluation import energy_scores
-from hf_tumor.image_io import InputError, read_image
+from hf_tumor.image_io import InputError
 from hf_tumor.inference import load_predictor
 from hf_tumor.model import LogitsOnly, default_model, load_model
 
@@ -64,10 +64,11 @@ class Classifier:
     """The model loaded once through ``load_predictor`` (fastest checked backend), plus a PyTorch copy
     for Grad-CAM on its last stage (gradients need PyTorch, whatever backend gives the probabilities)."""
 
-    def __init__(self, model: str | os.PathLike | None = None, revision: str | None = None, backend: str = "auto"):
+    def __init__(self, model: str | os.PathLike | None = None, revision: str | None = None, backend: str = "auto",
+                 decode: str = "auto"):
         from pytorch_grad_cam import GradCAM
 
-        self.predictor = load_predictor(model or default_model(), backend, revision)
+        self.predictor = load_predictor(model or default_model(), backend, revision, decode)
         self.source = self.predictor.source
         self.class_names = self.predictor.class_names
         self.energy_threshold = getattr(self.predictor.config, "ood_energy_threshold", None)
@@ -123,7 +124,7 @@ def batch_rows(classifier: Classifier, paths: list[str]) -> tuple[list[list[Any]
     for path in paths:
         name = Path(path).name
         try:
-            result = classifier.predict(read_image(path), with_cam=False)
+            result = classifier.predict(classifier.predictor.read(path), with_cam=False)
             note = "" if result.trusted else "not like an MRI slice: " + "; ".join(result.flags)
             rows.append([name, result.label if result.trusted else "", *(round(result.probabilities[c], 4)
                                                                            for c in classifier.class_names), note])
@@ -190,7 +191,7 @@ def non_mri_images(seed: int = 0) -> dict[str, PIL.Image.Image]:
 
 def ood_report(classifier: Classifier, mri_paths: list[str]) -> dict[str, Any]:
     """Share of real MRI slices wrongly flagged, and of non-MRI images caught, by the app's checks."""
-    flagged = [bool(classifier.predict(read_image(p), with_cam=False).flags) for p in mri_paths]
+    flagged = [bool(classifier.predict(classifier.predictor.read(p), with_cam=False).flags) for p in mri_paths]
     caught = {name: bool(classifier.predict(image.convert("RGB"), with_cam=False).flags)
               for name, image in non_mri_images().items()}
     return {

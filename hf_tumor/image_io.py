@@ -57,8 +57,13 @@ def _to_8bit(pixels: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(scaled.round().astype(np.uint8)[..., :3] if mode == "RGB" else scaled.round().astype(np.uint8), mode)
 
 
-def read_image(path: str | os.PathLike) -> PIL.Image.Image:
+def read_image(path: str | os.PathLike, reduce_to: int | None = None) -> PIL.Image.Image:
     """Open an uploaded file as an upright RGB or grayscale image, or raise InputError saying why not.
+
+    ``reduce_to``: a JPEG is decoded by libjpeg at the smallest scale of 1/2, 1/4 or 1/8 whose sides
+    stay at least this many pixels (Pillow's draft mode): a 512 px slice read for a 128 px model
+    decodes at 128 px, in a third of the time, in pixels that differ a little from a full decode
+    followed by the resize. Prediction uses it only where ``hf-tumor export`` checked it (``inference``).
 
     A grayscale file stays grayscale ('L'): the model's transform repeats its one channel after the
     resize, which gives the same input as converting it first in half the time (``EvalTransform.to_array``).
@@ -92,6 +97,8 @@ def read_image(path: str | os.PathLike) -> PIL.Image.Image:
             raise InputError(
                 f"The image is {image.width:,} x {image.height:,} pixels; the limit is {MAX_PIXELS:,} pixels."
             )
+        if reduce_to and image.format == "JPEG":
+            image.draft(image.mode, (reduce_to, reduce_to))  # before load(): it picks the DCT scale
         try:
             image.seek(0)  # animated images: the first frame
             image.load()

@@ -2,6 +2,8 @@
 Runtime fp32, or PyTorch. Every backend uses the preprocessing stored in the model's config.
 
 ``hf-tumor predict`` and the Space both go through ``load_predictor``; the choice is reported at start-up.
+So is the way JPEGs are read: in full, or at a reduced DCT scale where ``hf-tumor export`` checked that
+this changes no more answers than int8 may (the file's part of a request: 0.9 -> 0.3 ms at 512 px).
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ import torch
 from transformers import AutoConfig
 
 from hf_tumor.calibration import softmax
-from hf_tumor.export import ONNX_DIR, ONNX_FILES, PARITY_FILE, onnx_session, passed_backends
+from hf_tumor.export import (
+    ONNX_DIR, ONNX_FILES, PARITY_FILE, REDUCED_DECODE, onnx_session, passed_backends, reduced_decode_passed,
+)
 from hf_tumor.model import class_names_of, load_model
 from hf_tumor.image_io import InputError, read_image
-from hf_tumor.preprocessing import create_eval_transform
+from hf_tumor.preprocessing import create_eval_transform, image_size_of
 
 logger = logging.getLogger("hf_tumor")
 
 BACKENDS = ("auto", "onnx-int8", "onnx", "torch")
 FASTEST_FIRST = ("onnx-int8", "onnx")  # measured in benchmarks/inference.json; torch is the fallback of 'auto' only
+DECODES = ("auto", "full", "reduced")
 
 
 class BackendError(RuntimeError):
@@ -73,6 +78,20 @@ def choose_backend(model_dir: Path, requested: str = "auto") -> str:
     return requested
 
 
+def choose_decode(model_dir: Path, backend: str, requested: str = "auto") -> bool:
+    """Whether to read JPEGs at reduced scale with ``backend``: 'auto' where its check passed, never silently."""
+    if requested not in DECODES:
+        raise BackendError(f"Unknown decode '{requested}'; choose one of {', '.join(DECODES)}.")
+    passed = requested != "full" and reduced_decode_passed(model_dir, backend)
+    if requested == "reduced" and not passed:
+        raise BackendError(
+            f"Reading JPEGs at reduced scale has not passed its check for {model_dir} with backend {backend} "
+            f"({ONNX_DIR}/{PARITY_FILE}, '{REDUCED_DECODE}'). Check it with `hf-tumor export --model {model_dir} "
+            f"--quantize int8`, or use --decode full."
+        )
+    return passed
+
+
 @dataclass
 class Predictor:
     """A classifier loaded once: the backend's forward pass behind the config's preprocessing."""
@@ -82,10 +101,15 @@ class Predictor:
     backend: str
     config: Any
     _forward: Any = field(repr=False)
+    reduced_decode: bool = False  # JPEGs decoded at reduced scale (checked by `hf-tumor export`)
 
     def __post_init__(self) -> None:
         self.class_names = class_names_of(self.config)
         self.transform = create_eval_transform(self.config.pretrained_cfg)
+
+    def read(self, path: str | os.PathLike) -> PIL.Image.Image:
+        """``read_image`` as this predictor reads files: at reduced scale where that was checked."""
+        return read_image(path, image_size_of(self.config.pretrained_cfg) if self.reduced_decode else None)
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
         """RGB or grayscale images to the normalized NCHW float32 batch the model takes (timm's transform, in NumPy)."""
@@ -103,17 +127,26 @@ class Predictor:
         """One line for start-up logs: model, backend and its parity figure."""
         line = f"model {self.source}, backend {self.backend}"
         parity_file = self.model_dir / ONNX_DIR / PARITY_FILE
-        if self.backend != "torch" and parity_file.is_file():
-            entry = json.loads(parity_file.read_text())
-            line += (f" (top-1 agreement with PyTorch {entry[self.backend]['top1_agreement']:.2%} on "
-                     f"{entry['num_images']} test images)")
+        report = json.loads(parity_file.read_text()) if parity_file.is_file() else {}
+        if self.backend != "torch" and report:
+            line += (f" (top-1 agreement with PyTorch {report[self.backend]['top1_agreement']:.2%} on "
+                     f"{report['num_images']} test images)")
+        if self.reduced_decode:
+            entry = report[REDUCED_DECODE]
+            line += (f", JPEGs read at reduced scale (with it, top-1 agreement with PyTorch on full reads "
+                     f"{entry[self.backend]['top1_agreement']:.2%} on {entry['num_images']} test images)")
+        else:
+            line += ", JPEGs read in full"
         return line
 
 
-def load_predictor(model: str | os.PathLike, backend: str = "auto", revision: str | None = None) -> Predictor:
-    """Load ``model`` (folder or Hub id) with ``backend`` ('auto': the fastest whose parity passed)."""
+def load_predictor(model: str | os.PathLike, backend: str = "auto", revision: str | None = None,
+                   decode: str = "auto") -> Predictor:
+    """Load ``model`` (folder or Hub id) with ``backend`` ('auto': the fastest whose parity passed) and
+    ``decode`` ('auto': JPEGs at reduced scale where that passed its check with this backend)."""
     model_dir = resolve_model_dir(model, revision)
     chosen = choose_backend(model_dir, backend)
+    reduced = choose_decode(model_dir, chosen, decode)
     if chosen == "torch":
         torch_model = load_model(model_dir)
 
@@ -129,7 +162,7 @@ def load_predictor(model: str | os.PathLike, backend: str = "auto", revision: st
             return session.run(["logits"], {"pixel_values": x})[0]
 
         config = AutoConfig.from_pretrained(model_dir)
-    return Predictor(str(model), model_dir, chosen, config, forward)
+    return Predictor(str(model), model_dir, chosen, config, forward, reduced)
 
 
 @dataclass
@@ -148,7 +181,7 @@ def predict_files(predictor: Predictor, paths: list[str | os.PathLike], batch_si
     readable: list[tuple[Prediction, PIL.Image.Image]] = []
     for prediction in results:
         try:
-            readable.append((prediction, read_image(prediction.path)))
+            readable.append((prediction, predictor.read(prediction.path)))
         except InputError as err:  # hostile or broken file: say why, and go on with the others
             prediction.error = str(err)
     for start in range(0, len(readable), batch_size):

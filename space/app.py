@@ -3,6 +3,7 @@
 Environment: HF_TUMOR_MODEL (Hub id or folder; default: the model bundled in the repository),
 HF_TUMOR_REVISION (pin a Hub model to a branch, tag or commit),
 HF_TUMOR_BACKEND (auto, onnx-int8, onnx or torch; auto: the fastest whose ONNX parity check passed),
+HF_TUMOR_DECODE (auto, full or reduced: how JPEGs are read; auto: reduced where its check passed),
 HF_TUMOR_EXAMPLES (a folder of example slices to show), HF_TUMOR_PORT (default 7860).
 """
 
@@ -38,13 +39,15 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
         if path is None:
             raise gr.Error("Upload an image first.")
         try:
-            image = read_image(path)
+            image = classifier.predictor.read(path)
+            # the heatmap is shown over the slice at full resolution, even when the model reads it reduced
+            shown = read_image(path) if classifier.predictor.reduced_decode else image
         except InputError as err:
             raise gr.Error(str(err)) from None
         result = classifier.predict(image)
         label = result.probabilities if result.trusted else {}
-        state = (image, result.cam)
-        return label, overlay(image, result.cam), verdict(result), state
+        state = (shown, result.cam)
+        return label, overlay(shown, result.cam), verdict(result), state
 
     def reblend(opacity: float, state):
         if state is None:
@@ -100,7 +103,8 @@ def main() -> None:
     limit_malloc_arenas()  # before Gradio starts its worker threads
     try:
         classifier = Classifier(revision=os.environ.get("HF_TUMOR_REVISION"),  # pin a Hub model's revision
-                                backend=os.environ.get("HF_TUMOR_BACKEND", "auto"))
+                                backend=os.environ.get("HF_TUMOR_BACKEND", "auto"),
+                                decode=os.environ.get("HF_TUMOR_DECODE", "auto"))
     except BackendError as err:
         sys.exit(str(err))
     except OSError as err:

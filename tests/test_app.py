@@ -40,6 +40,22 @@ def test_exif_rotation_is_applied(tmp_path, slice_image):
     assert read_image(GOOD["exif-rotated jpeg"](tmp_path, slice_image)).size == (200, 300)
 
 
+def test_reduced_reading_decodes_jpegs_at_a_smaller_scale_but_never_below_the_size(tmp_path):
+    jpeg = real_images("Testing", "glioma", 1)[0]  # 512 x 512
+    full = read_image(jpeg)
+    assert full.size == (512, 512)
+    assert read_image(jpeg, reduce_to=128).size == (128, 128)  # 1/4
+    assert read_image(jpeg, reduce_to=200).size == (256, 256)  # 1/2: 1/4 would go below 200
+    assert read_image(jpeg, reduce_to=600).size == (512, 512)
+    # the same picture: at the model's size it differs from the full read by about one gray level
+    reduced = np.asarray(read_image(jpeg, reduce_to=128), dtype=np.float32)
+    resized = np.asarray(full.resize((128, 128), PIL.Image.BILINEAR), dtype=np.float32)
+    assert np.abs(reduced - resized).mean() < 3
+    png = tmp_path / "slice.png"
+    full.save(png)  # not a JPEG: always read in full
+    assert read_image(png, reduce_to=128).size == (512, 512)
+
+
 def test_a_decompression_bomb_is_refused_without_decoding_it(tmp_path):
     """Reading the 20,000 x 20,000 PNG (400 MB of pixels once decoded) keeps the process small."""
     bomb = BAD["bomb"][0](tmp_path, None)

@@ -44,11 +44,12 @@ def test_default_backend_is_the_checked_int8_export_and_agrees_with_pytorch():
 
     parity = json.loads((BUNDLED_MODEL / "onnx" / "parity.json").read_text())
     assert parity["num_images"] == 1311 and parity["onnx-int8"]["passed"]
+    assert parity["reduced_decode"]["num_images"] == 1311 and parity["reduced_decode"]["onnx-int8"]["passed"]
     predictor = load_predictor(BUNDLED_MODEL)
-    assert predictor.backend == "onnx-int8"
+    assert predictor.backend == "onnx-int8" and predictor.reduced_decode
     paths = [p for c in CLASSES for p in sorted((SHARED_DATA / "Testing" / c).iterdir())[:4]]
     int8 = predict_files(predictor, paths)
-    fp32 = predict_files(load_predictor(BUNDLED_MODEL, "torch"), paths)
+    fp32 = predict_files(load_predictor(BUNDLED_MODEL, "torch", decode="full"), paths)  # the reference
     assert sum(a.label == b.label for a, b in zip(int8, fp32)) >= len(paths) - 1
 
 
@@ -58,7 +59,7 @@ def test_predict_uses_the_bundled_model_by_default():
     result = subprocess.run([sys.executable, "-m", "hf_tumor.cli", "predict", "--json", str(image)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"model {BUNDLED_MODEL}, backend onnx-int8" in result.stderr
+    assert f"model {BUNDLED_MODEL}, backend onnx-int8" in result.stderr and "JPEGs read at reduced scale" in result.stderr
     assert json.loads(result.stdout)["label"] in CLASSES
 
 
