@@ -68,8 +68,8 @@ def _predict(argv: Sequence[str]) -> int:
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="auto: the fastest backend whose ONNX parity check passed (see `hf-tumor export`), else torch.")
     parser.add_argument("--decode", default="auto", choices=DECODES,
-                        help="How JPEGs are read. reduced: decoded at 1/2, 1/4 or 1/8 scale, never below the model's "
-                             "input size (3x faster, slightly different pixels); auto: reduced where `hf-tumor export` "
+                        help="How JPEGs are read. reduced: decoded at 1/2, 1/4 or 1/8 scale, never below twice the model's "
+                             "input size (faster, slightly different pixels); auto: reduced where `hf-tumor export` "
                              "checked it with the backend, else full.")
     parser.add_argument("--json", action="store_true", help="One JSON object per line.")
     args = parser.parse_args(argv)

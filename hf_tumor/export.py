@@ -30,7 +30,7 @@ from hf_tumor.data import (
 )
 from hf_tumor.image_io import read_image
 from hf_tumor.model import LogitsOnly, class_names_of, load_model
-from hf_tumor.preprocessing import create_eval_transform, image_size_of
+from hf_tumor.preprocessing import create_eval_transform, reduced_read_size
 
 ONNX_DIR = "onnx"
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_quantized.onnx"}
@@ -151,7 +151,7 @@ def reduced_decode_report(model: torch.nn.Module, sessions: dict[str, Any], path
                           pretrained_cfg: dict[str, Any], weights: int, batch_size: int = 32) -> dict[str, Any]:
     """Per backend (PyTorch and each ONNX session): top-1 agreement, maximum probability difference and
     accuracy with JPEGs read at reduced scale, against PyTorch on the same files read in full."""
-    transform, size = create_eval_transform(pretrained_cfg), image_size_of(pretrained_cfg)
+    transform, size = create_eval_transform(pretrained_cfg), reduced_read_size(pretrained_cfg)
 
     def batch(chunk: list[str], reduce_to: int | None) -> np.ndarray:
         return np.stack([transform.to_array(read_image(path, reduce_to)) for path in chunk])

@@ -62,8 +62,8 @@ def read_image(path: str | os.PathLike, reduce_to: int | None = None) -> PIL.Ima
 
     ``reduce_to``: a JPEG is decoded by libjpeg at the smallest scale of 1/2, 1/4 or 1/8 whose sides
     stay at least this many pixels (Pillow's draft mode): a 512 px slice read for a 128 px model
-    decodes at 128 px, in a third of the time, in pixels that differ a little from a full decode
-    followed by the resize. Prediction uses it only where ``hf-tumor export`` checked it (``inference``).
+    (``reduce_to=256``) decodes at 256 px, in about half the time, in pixels that differ a little from
+    a full decode once resized. Prediction uses it only where ``hf-tumor export`` checked it (``inference``).
 
     A grayscale file stays grayscale ('L'): the model's transform repeats its one channel after the
     resize, which gives the same input as converting it first in half the time (``EvalTransform.to_array``).

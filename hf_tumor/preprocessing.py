@@ -47,6 +47,16 @@ def image_size_of(pretrained_cfg: dict[str, Any]) -> int:
     return int(pretrained_cfg["input_size"][-1])
 
 
+def reduced_read_size(pretrained_cfg: dict[str, Any]) -> int:
+    """The smallest size a JPEG may be decoded at for this preprocessing (``read_image(..., reduce_to=)``).
+
+    Twice the input size, so that the config's own resize still does the last halving at least: a
+    DCT-domain downscale straight to the input size is a plain box filter, and it changed 10 of the
+    1,311 test answers of one model (run 16) where stopping at twice the size changed none.
+    """
+    return 2 * image_size_of(pretrained_cfg)
+
+
 def load_image(source: str | Path | bytes | PIL.Image.Image) -> PIL.Image.Image:
     """Open an image the way ``pipeline()`` does: EXIF orientation applied, converted to RGB."""
     if isinstance(source, bytes):

@@ -42,7 +42,7 @@ def test_export_writes_the_optimum_layout_and_a_parity_report(exported):
 def test_export_checks_reading_jpegs_at_reduced_scale_with_every_backend(exported):
     model_dir, report = exported
     reduced = report[REDUCED_DECODE]
-    assert reduced["reduce_to"] == 64 and reduced["num_images"] == 16
+    assert reduced["reduce_to"] == 128 and reduced["num_images"] == 16  # twice the 64 px input
     assert set(reduced) >= {"torch", "onnx", "onnx-int8"}
     assert reduced["torch"]["bytes"] == weights_bytes(model_dir)
     for name in ("torch", "onnx", "onnx-int8"):
@@ -69,7 +69,7 @@ def test_reduced_reading_is_used_only_where_its_check_passed(exported, tmp_path)
     jpeg = real_images("Testing", "glioma", 1)[0]
     passed = _with_reduced_verdict(model_dir, tmp_path / "passed", True)
     predictor = load_predictor(passed, "torch")
-    assert predictor.reduced_decode and predictor.read(jpeg).size == (64, 64)
+    assert predictor.reduced_decode and predictor.read(jpeg).size == (128, 128)  # 512 px at 1/4
     assert "JPEGs read at reduced scale" in predictor.describe()
     assert load_predictor(passed).reduced_decode  # with the auto backend too
     full = load_predictor(passed, "torch", decode="full")
