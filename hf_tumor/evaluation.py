@@ -118,15 +118,16 @@ def energy_threshold(validation_logits: np.ndarray, flag_rate: float = 0.01) -> 
 
 
 def _training_split_settings(model_dir: Path) -> dict[str, Any]:
-    """The seed, validation fraction and subset size the model was trained with (train_args.json)."""
-    settings = {"validation_fraction": 0.15, "seed": 42, "limit_per_class": None}
+    """The split seed, validation fraction and subset size the model was trained with (train_args.json)."""
+    settings = {"validation_fraction": 0.15, "split_seed": 42, "limit_per_class": None}
     args_file = model_dir / "train_args.json"
     if args_file.is_file():
         resolved = json.loads(args_file.read_text())
         data_args = resolved.get("DataArguments", {})
         settings["validation_fraction"] = data_args.get("validation_fraction", 0.15)
         settings["limit_per_class"] = data_args.get("limit_per_class")
-        settings["seed"] = resolved.get("TrainingArguments", {}).get("seed", 42)
+        split_seed = data_args.get("split_seed")  # None, or absent in older files: the training seed
+        settings["split_seed"] = resolved.get("TrainingArguments", {}).get("seed", 42) if split_seed is None else split_seed
     return settings
 
 
@@ -151,7 +152,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Evaluate ``model_dir``; write eval_results.json and PNGs there; fold the fitted temperature in.
 
-    Validation is rebuilt exactly as in training (same seed, fraction, subset and near-duplicate
+    Validation is rebuilt exactly as in training (same split seed, fraction, subset and near-duplicate
     groups, read from train_args.json) and used only to fit the temperature. ``audit`` is the
     report of ``run_audit(data_dir)`` when the caller has it already.
     """
@@ -163,7 +164,7 @@ def evaluate_model(
     audit = audit or run_audit(data_dir)
     settings = _training_split_settings(model_dir)
     splits = load_splits(
-        data_dir, pretrained_cfg, settings["validation_fraction"], settings["seed"],
+        data_dir, pretrained_cfg, settings["validation_fraction"], settings["split_seed"],
         groups=train_groups(audit, data_dir), limit_per_class=settings["limit_per_class"],
     )
     if splits["test"].features["label"].names != class_names:

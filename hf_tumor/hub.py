@@ -117,6 +117,7 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         ("early stopping patience", model_args.get("early_stopping_patience")),
         ("augmentation", ", ".join(f"{k} {v}" for k, v in args.get("AugmentConfig", {}).items())),
         ("seed", training.get("seed")),
+        ("validation split seed", args.get("DataArguments", {}).get("split_seed") or "the seed"),
     ]
     best_step = (state.get("best_model_checkpoint") or "").rsplit("-", 1)[-1] or "?"
     eval_rows = [

@@ -47,6 +47,11 @@ class DataArguments:
     )
     image_size: int = field(default=256, metadata={"help": "Square input size in pixels (stored in the model config)."})
     validation_fraction: float = field(default=0.15, metadata={"help": "Stratified share of Training held out for validation (near-duplicate groups kept together)."})
+    split_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed that draws the validation split (default: --seed). Fix it to compare training "
+                          "seeds on one validation split."},
+    )
     limit_per_class: int | None = field(
         default=None, metadata={"help": "Use only the first N images of each class per split (quick runs, tests)."}
     )
@@ -307,6 +312,11 @@ class PreparedData:
     names: list[str]
 
 
+def split_seed_of(data_args: DataArguments, training_args: TrainingArguments) -> int:
+    """The seed of the validation split: ``--split_seed`` if given, else the training seed."""
+    return training_args.seed if data_args.split_seed is None else data_args.split_seed
+
+
 def prepare_data(data_args: DataArguments, model_args: ModelArguments, training_args: TrainingArguments) -> PreparedData:
     """Audit the data folder, then decode, cache and split it, as every training loop here sees it."""
     data_dir = resolve_data_dir(data_args.data_dir)
@@ -317,7 +327,7 @@ def prepare_data(data_args: DataArguments, model_args: ModelArguments, training_
         audit = run_audit(data_dir)
         groups = train_groups(audit, data_dir)
         splits = load_splits(
-            data_dir, pretrained_cfg, data_args.validation_fraction, training_args.seed,
+            data_dir, pretrained_cfg, data_args.validation_fraction, split_seed_of(data_args, training_args),
             groups=groups, limit_per_class=data_args.limit_per_class,
         )
     names = class_names(splits["train"])

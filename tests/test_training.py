@@ -22,7 +22,8 @@ from hf_tumor.data import attach_transforms, cache_resized, load_image_folder
 from hf_tumor.evaluation import predict_logits
 from hf_tumor.inference import load_predictor, predict_files
 from hf_tumor.model import load_model
-from hf_tumor.training import parse_args
+from hf_tumor.evaluation import _training_split_settings
+from hf_tumor.training import parse_args, prepare_data, save_resolved_args
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +98,19 @@ def test_argument_file_with_overrides(tmp_path):
     args_file.write_text("imagesize: 96\n")
     with pytest.raises(SystemExit, match="unknown argument.*imagesize"):
         parse_args([str(args_file)])
+
+
+def test_split_seed_draws_validation_apart_from_the_training_seed(tiny_data: Path, tmp_path: Path):
+    def validation_paths(*flags: str) -> list[str]:
+        data_args, model_args, _, training = parse_args(train_args(tiny_data, tmp_path / "run", *flags))
+        return prepare_data(data_args, model_args, training).splits["validation"]["path"]
+
+    assert validation_paths("--seed", "1") != validation_paths("--seed", "2")  # by default the seed draws both
+    assert validation_paths("--seed", "1", "--split_seed", "2") == validation_paths("--seed", "2")
+    # evaluation rebuilds the same split from the run's argument file
+    for flags, expected in ((["--seed", "1", "--split_seed", "2"], 2), (["--seed", "1"], 1)):
+        save_resolved_args(tmp_path, flags, *parse_args(train_args(tiny_data, tmp_path / "run", *flags)))
+        assert _training_split_settings(tmp_path)["split_seed"] == expected
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
