@@ -17,7 +17,7 @@ import timm
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors.torch import load_file, save_file
 
-from hf_tumor.export import ONNX_DIR, ONNX_FILES, PARITY_FILE
+from hf_tumor.export import ONNX_DIR, ONNX_FILES, PARITY_FILE, REDUCED_DECODE, reduced_decode_passed
 
 logger = logging.getLogger("hf_tumor")
 
@@ -166,6 +166,7 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         "per_class_rows": per_class_rows, "calibration_rows": calibration_rows,
         "command": "\n".join([*(stage["command"] for stage in stages if stage.get("command")), _reproduce_command(args)]),
         "onnx_rows": _onnx_rows(model_dir),
+        **_reduced_read_rows(model_dir),
     }
     return card_data, variables
 
@@ -179,6 +180,26 @@ def _onnx_rows(model_dir: Path) -> list[dict[str, str]]:
          "n": parity["num_images"]}
         for name in ONNX_FILES if name in parity and (model_dir / parity[name]["file"]).is_file()
     ]
+
+
+def _reduced_read_rows(model_dir: Path) -> dict[str, Any]:
+    """The check of reading JPEGs at reduced scale, for each backend whose file is in ``model_dir`` (for the card)."""
+    report = _read_json(model_dir / ONNX_DIR / PARITY_FILE).get(REDUCED_DECODE, {})
+    files = {"torch": "model.safetensors", **{name: f"{ONNX_DIR}/{file}" for name, file in ONNX_FILES.items()}}
+    rows = [
+        {"file": file, "agreement": _pct(report[name]["top1_agreement"]),
+         "max_diff": f"{report[name]['max_probability_difference']:.4f}", "accuracy": _pct(report[name]["accuracy"]),
+         "passed": _reduced_verdict(model_dir, name, report[name])}
+        for name, file in files.items() if name in report and (model_dir / file).is_file()
+    ]
+    return {"reduced_rows": rows, "reduce_to": report.get("reduce_to"), "reduced_n": report.get("num_images")}
+
+
+def _reduced_verdict(model_dir: Path, backend: str, entry: dict[str, Any]) -> str:
+    if reduced_decode_passed(model_dir, backend):
+        return "yes"
+    # e.g. checked on a run's fp32 weights, then packaged in fp16: the verdict is not carried over
+    return "no: measured on other weights" if entry.get("passed") else "no"
 
 
 def render_model_card(model_dir: str | os.PathLike, repo_id: str, template: Path = CARD_TEMPLATE) -> ModelCard:

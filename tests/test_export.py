@@ -53,6 +53,18 @@ def test_export_checks_reading_jpegs_at_reduced_scale_with_every_backend(exporte
     assert reduced["full_decode_torch_accuracy"] == pytest.approx(report["torch_accuracy"])
 
 
+def test_model_card_reports_the_reduced_read_check(exported):
+    from hf_tumor.hub import render_model_card
+
+    model_dir, report = exported
+    text = render_model_card(model_dir, "someone/hf-tumor-test").text
+    for name, file in (("torch", "model.safetensors"), ("onnx", "onnx/model.onnx"), ("onnx-int8", "onnx/model_quantized.onnx")):
+        entry = report[REDUCED_DECODE][name]
+        row = f"| `{file}` | {100 * entry['top1_agreement']:.2f}% | {entry['max_probability_difference']:.4f} |"
+        assert row in text, row
+    assert f"to no less\nthan {report[REDUCED_DECODE]['reduce_to']} px" in text
+
+
 def _with_reduced_verdict(model_dir: Path, copy: Path, passed: bool) -> Path:
     shutil.copytree(model_dir, copy)
     parity = copy / ONNX_DIR / PARITY_FILE
