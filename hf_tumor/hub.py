@@ -105,6 +105,7 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
 
     total_test = audit["num_images"]["test"]
     pretrained = config["pretrained_cfg"]
+    split_seed = args.get("DataArguments", {}).get("split_seed")
     hyperparameters = [
         ("architecture", architecture), ("initial weights", init), ("image size", pretrained["input_size"][-1]),
         ("epochs (max)", training.get("num_train_epochs")), ("batch size", training.get("per_device_train_batch_size")),
@@ -117,7 +118,7 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         ("early stopping patience", model_args.get("early_stopping_patience")),
         ("augmentation", ", ".join(f"{k} {v}" for k, v in args.get("AugmentConfig", {}).items())),
         ("seed", training.get("seed")),
-        ("validation split seed", args.get("DataArguments", {}).get("split_seed") or "the seed"),
+        ("validation split seed", "the seed" if split_seed is None else split_seed),
     ]
     best_step = (state.get("best_model_checkpoint") or "").rsplit("-", 1)[-1] or "?"
     eval_rows = [

@@ -19,10 +19,9 @@ from transformers import AutoModelForImageClassification, pipeline
 
 from conftest import CLASSES, REPO, TEST_IMAGE_SIZE, train_args
 from hf_tumor.data import attach_transforms, cache_resized, load_image_folder
-from hf_tumor.evaluation import predict_logits
+from hf_tumor.evaluation import _training_split_settings, predict_logits
 from hf_tumor.inference import load_predictor, predict_files
 from hf_tumor.model import load_model
-from hf_tumor.evaluation import _training_split_settings
 from hf_tumor.training import parse_args, prepare_data, save_resolved_args
 
 pytestmark = pytest.mark.slow
