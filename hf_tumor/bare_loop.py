@@ -47,7 +47,7 @@ def train_bare(argv: Sequence[str]) -> Path:
     """Train and evaluate a model folder with a bare loop; returns its path."""
     data_args, model_args, augment, training_args = parse_args(argv)
     # The flags this loop ignores, set to what it does, so that train_args.json and the model card tell the truth.
-    training_args.max_grad_norm = 0.0
+    training_args.max_grad_norm, training_args.load_best_model_at_end = 0.0, False
     model_args.decay_norm_and_bias, model_args.precise_bn_images, model_args.early_stopping_patience = True, 0, 0
     setup_logging(training_args)
     output_dir = Path(training_args.output_dir)

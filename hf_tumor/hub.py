@@ -106,6 +106,7 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
     total_test = audit["num_images"]["test"]
     pretrained = config["pretrained_cfg"]
     split_seed = args.get("DataArguments", {}).get("split_seed")
+    keeps_best = training.get("load_best_model_at_end", True)
     hyperparameters = [
         ("architecture", architecture), ("initial weights", init), ("image size", pretrained["input_size"][-1]),
         ("epochs (max)", training.get("num_train_epochs")), ("batch size", training.get("per_device_train_batch_size")),
@@ -116,6 +117,7 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         ("label smoothing", training.get("label_smoothing_factor")),
         ("dropout", config.get("model_args", {}).get("drop_rate")), ("bf16 autocast", training.get("bf16")),
         ("early stopping patience", model_args.get("early_stopping_patience")),
+        ("weights kept", "best validation macro-F1" if keeps_best else "the last epoch's"),
         ("augmentation", ", ".join(f"{k} {v}" for k, v in args.get("AugmentConfig", {}).items())),
         ("seed", training.get("seed")),
         ("validation split seed", "the seed" if split_seed is None else split_seed),
@@ -162,7 +164,7 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         "stages": stages,
         "throughput": f"{train['train_samples_per_second']:.1f}" if "train_samples_per_second" in train else "?",
         "epochs_run": round(state.get("epoch", 0), 1), "steps": state.get("global_step"),
-        "best_metric": state.get("best_metric") or 0.0, "best_step": best_step,
+        "best_metric": state.get("best_metric") or 0.0, "best_step": best_step, "keeps_best": keeps_best,
         "eval_rows": eval_rows, "per_class_split": {"clean_test": "leak-free test", "test": "official test"}[per_class_split],
         "per_class_rows": per_class_rows, "calibration_rows": calibration_rows,
         "command": "\n".join([*(stage["command"] for stage in stages if stage.get("command")), _reproduce_command(args)]),

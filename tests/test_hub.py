@@ -42,6 +42,7 @@ def test_card_metadata_round_trip(packaged, trained_model):
     assert "{{" not in text and "}}" not in text
     clipping = json.loads((trained_model / "train_args.json").read_text())["TrainingArguments"]["max_grad_norm"]
     assert f"| gradient clipping (max norm) | {clipping or 'none'} |" in text
+    assert "| weights kept | best validation macro-F1 |" in text and "the checkpoint with the best" in text
 
 
 def test_packaged_weights_are_fp16_and_load_in_fp32_everywhere(packaged, trained_model):

@@ -20,6 +20,7 @@ from transformers import AutoModelForImageClassification, pipeline
 from conftest import CLASSES, REPO, TEST_IMAGE_SIZE, train_args
 from hf_tumor.data import attach_transforms, cache_resized, load_image_folder
 from hf_tumor.evaluation import _training_split_settings, predict_logits
+from hf_tumor.hub import card_inputs
 from hf_tumor.inference import load_predictor, predict_files
 from hf_tumor.model import load_model
 from hf_tumor.training import parse_args, prepare_data, save_resolved_args
@@ -227,6 +228,8 @@ def test_bare_loop_control_experiment(tiny_data: Path, tmp_path: Path):
     # what the loop did, not the flags it ignores (their defaults ask for clipping at 1.0 and precise BN)
     assert resolved["TrainingArguments"]["max_grad_norm"] == 0
     assert resolved["ModelArguments"]["decay_norm_and_bias"] is True and resolved["ModelArguments"]["precise_bn_images"] == 0
+    assert resolved["TrainingArguments"]["load_best_model_at_end"] is False
+    assert ("weights kept", "the last epoch's") in card_inputs(out, "someone/bare")[1]["hyperparameters"]
     assert load_model(out).config.label_names == CLASSES
     # no checkpoints to resume from, so a second run into the same folder refuses instead of overwriting
     weights = (out / "model.safetensors").read_bytes()
