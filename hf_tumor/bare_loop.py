@@ -49,6 +49,8 @@ def train_bare(argv: Sequence[str]) -> Path:
     # The flags this loop ignores, set to what it does, so that train_args.json and the model card tell the truth.
     training_args.max_grad_norm, training_args.load_best_model_at_end = 0.0, False
     model_args.decay_norm_and_bias, model_args.precise_bn_images, model_args.early_stopping_patience = True, 0, 0
+    if model_args.teachers:
+        raise SystemExit("error: the bare loop does not distil; use hf-tumor train with --teachers")
     setup_logging(training_args)
     output_dir = Path(training_args.output_dir)
     if (output_dir / "config.json").exists():  # no checkpoints to resume from: never overwrite a finished run

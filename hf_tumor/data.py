@@ -35,6 +35,7 @@ KAGGLE_DATASET = "masoudnickparvar/brain-tumor-mri-dataset"
 DATA_ENV = "HF_TUMOR_DATA"
 CACHE_ENV = "HF_TUMOR_CACHE"
 _CACHE_VERSION = 1  # bump when the cached representation changes
+TEACHER_COLUMN = "teacher_probs"  # soft targets of a distillation run (hf_tumor.distillation)
 
 
 class DataError(ValueError):
@@ -324,21 +325,28 @@ def attach_transforms(
     to_tensor = create_eval_transform(pretrained_cfg).to_tensor
     random_aug = create_train_augment(augment, size) if augment is not None else None
 
+    extra = [TEACHER_COLUMN] if TEACHER_COLUMN in dataset.column_names else []
+
     def transform(batch: dict[str, list]) -> dict[str, list]:
         arrays: Iterable[np.ndarray] = (pixels_to_array(p, size) for p in batch["pixels"])
         if random_aug is not None:
             arrays = (augment_array(a, random_aug) for a in arrays)
-        return {"pixel_values": [to_tensor(a) for a in arrays], "labels": batch["label"]}
+        rows = {"pixel_values": [to_tensor(a) for a in arrays], "labels": batch["label"]}
+        rows.update({c: [torch.tensor(v) for v in batch[c]] for c in extra})
+        return rows
 
-    return dataset.with_transform(transform, columns=["pixels", "label"])
+    return dataset.with_transform(transform, columns=["pixels", "label", *extra])
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack ``pixel_values`` and ``labels`` of a list of examples."""
-    return {
+    """Stack ``pixel_values`` and ``labels`` (and ``teacher_probs`` where present) of a list of examples."""
+    stacked = {
         "pixel_values": torch.stack([example["pixel_values"] for example in batch]),
         "labels": torch.tensor([example["labels"] for example in batch], dtype=torch.long),
     }
+    if TEACHER_COLUMN in batch[0]:
+        stacked[TEACHER_COLUMN] = torch.stack([example[TEACHER_COLUMN] for example in batch])
+    return stacked
 
 
 def iterate_batches(dataset: Dataset, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:

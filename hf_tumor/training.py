@@ -30,7 +30,10 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_tumor.audit import run_audit, train_groups
-from hf_tumor.data import attach_transforms, class_names, collate, iterate_batches, load_splits, resolve_data_dir
+from hf_tumor.data import (
+    TEACHER_COLUMN, attach_transforms, class_names, collate, iterate_batches, load_splits, resolve_data_dir,
+)
+from hf_tumor.distillation import TeacherError, add_teacher_targets, check_teachers, distillation_loss
 from hf_tumor.evaluation import classification_metrics, evaluate_model
 from hf_tumor.model import INIT_CHOICES, create_model, save_model_atomically
 from hf_tumor.plots import plot_training_curves
@@ -81,6 +84,17 @@ class ModelArguments:
     )
     early_stopping_patience: int = field(
         default=5, metadata={"help": "Stop after this many evaluations without a better validation macro-F1 (0: never)."}
+    )
+    teachers: list[str] | None = field(
+        default=None,
+        metadata={"help": "Model folders trained on this run's training split: distil their ensemble into this "
+                          "model (soft targets on the unaugmented training images, computed once at the start)."},
+    )
+    distill_alpha: float = field(
+        default=0.5, metadata={"help": "Weight of the teachers' soft-target loss; the label loss gets 1 - alpha."}
+    )
+    distill_temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature of the soft targets and of the student in their loss."}
     )
 
 
@@ -203,12 +217,24 @@ def recompute_batchnorm_stats(model: torch.nn.Module, batches: Iterable[torch.Te
 
 class PreciseBNTrainer(Trainer):
     """A Trainer that recomputes BatchNorm statistics before every evaluation (so before every checkpoint),
-    and optionally decays every parameter (``decay_everything``) instead of exempting biases and norms."""
+    optionally decays every parameter (``decay_everything``) instead of exempting biases and norms, and
+    distils from teachers' soft targets where the training batches carry them (``--teachers``)."""
 
-    def __init__(self, *args, bn_view: Dataset | None = None, decay_everything: bool = False, **kwargs):
+    def __init__(self, *args, bn_view: Dataset | None = None, decay_everything: bool = False,
+                 distill_alpha: float = 0.0, distill_temperature: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.bn_view = bn_view
         self.decay_everything = decay_everything
+        self.distill_alpha, self.distill_temperature = distill_alpha, distill_temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's (label-smoothed) loss, mixed with the soft-target loss where a batch has teachers' targets."""
+        teacher_probs = inputs.pop(TEACHER_COLUMN, None)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if teacher_probs is not None:
+            soft = distillation_loss(outputs.logits, teacher_probs, self.distill_temperature)
+            loss = (1 - self.distill_alpha) * loss + self.distill_alpha * soft
+        return (loss, outputs) if return_outputs else loss
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         if self.decay_everything:
@@ -333,6 +359,18 @@ def prepare_data(data_args: DataArguments, model_args: ModelArguments, training_
     names = class_names(splits["train"])
     logger.info("classes %s; train %d, validation %d, test %d images",
                 names, len(splits["train"]), len(splits["validation"]), len(splits["test"]))
+    if model_args.teachers:
+        expected = {"validation_fraction": data_args.validation_fraction, "split_seed": split_seed_of(data_args, training_args),
+                    "limit_per_class": data_args.limit_per_class, "image_size": data_args.image_size}
+        try:
+            if not (0 <= model_args.distill_alpha <= 1 and model_args.distill_temperature > 0):
+                raise TeacherError(f"--distill_alpha must lie in [0, 1] and --distill_temperature be positive, got "
+                                   f"{model_args.distill_alpha} and {model_args.distill_temperature}")
+            check_teachers(model_args.teachers, expected, names)
+        except TeacherError as err:
+            raise SystemExit(f"error: {err}") from None
+        splits["train"] = add_teacher_targets(splits["train"], model_args.teachers, pretrained_cfg,
+                                              model_args.distill_temperature, bf16=training_args.bf16)
     return PreparedData(data_dir, pretrained_cfg, audit, splits, names)
 
 
@@ -360,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     trainer = PreciseBNTrainer(
         bn_view=bn_view,
         decay_everything=model_args.decay_norm_and_bias,
+        distill_alpha=model_args.distill_alpha,
+        distill_temperature=model_args.distill_temperature,
         model=model,
         args=training_args,
         train_dataset=attach_transforms(splits["train"], pretrained_cfg, augment),
