@@ -12,7 +12,6 @@ another validation split has seen validation images, and the student would learn
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,8 +23,9 @@ from datasets import Dataset
 from transformers import AutoConfig
 
 from hf_tumor.data import TEACHER_COLUMN, attach_transforms
-from hf_tumor.evaluation import predict_logits
+from hf_tumor.evaluation import predict_logits, training_split_settings
 from hf_tumor.model import class_names_of, load_model
+from hf_tumor.preprocessing import image_size_of
 
 logger = logging.getLogger("hf_tumor")
 
@@ -36,44 +36,35 @@ class TeacherError(ValueError):
     """A teacher that cannot be used for this run; the message says why."""
 
 
-def split_settings(args: dict[str, Any]) -> dict[str, Any]:
-    """What decides a run's training split, from its ``train_args.json`` contents."""
-    data = args.get("DataArguments", {})
-    split_seed = data.get("split_seed")
-    return {
-        "validation_fraction": data.get("validation_fraction"),
-        "split_seed": args.get("TrainingArguments", {}).get("seed") if split_seed is None else split_seed,
-        "limit_per_class": data.get("limit_per_class"),
-        "image_size": data.get("image_size"),
-    }
-
-
-def _teacher_args(teacher: Path) -> dict[str, Any]:
-    """A teacher folder's ``train_args.json``, or its run's for a Trainer checkpoint folder."""
+def _run_folder(teacher: Path) -> Path:
+    """The folder with a teacher's ``train_args.json``: itself, or its run's for a Trainer checkpoint folder."""
     for folder in (teacher, teacher.parent):
         if (folder / ARGS_FILE).is_file():
-            return json.loads((folder / ARGS_FILE).read_text())
+            return folder
     raise TeacherError(f"teacher {teacher} has no {ARGS_FILE} (nor has its parent folder): "
                        "which images it was trained on cannot be checked")
 
 
-def check_teachers(teachers: Sequence[str], expected: dict[str, Any], names: list[str]) -> None:
-    """Raise TeacherError unless every teacher is a model folder trained on this split, with these classes."""
+def check_teachers(teachers: Sequence[str], split: dict[str, Any], image_size: int, names: list[str]) -> None:
+    """Raise TeacherError unless every teacher is a model folder trained on this split (``split`` as
+    ``training_split_settings`` gives it), at this image size, with these classes."""
     for teacher in map(Path, teachers):
         if not (teacher / "config.json").is_file():
             raise TeacherError(f"teacher {teacher} is not a model folder (no config.json)")
-        settings = split_settings(_teacher_args(teacher))
+        config = AutoConfig.from_pretrained(teacher)
+        settings = dict(training_split_settings(_run_folder(teacher)), image_size=image_size_of(config.pretrained_cfg))
+        expected = dict(split, image_size=image_size)
         differing = {k: (settings[k], v) for k, v in expected.items() if settings[k] != v}
         if differing:
             shown = ", ".join(f"{k} {have} (this run: {want})" for k, (have, want) in differing.items())
             raise TeacherError(f"teacher {teacher} was trained on another split or size: {shown}")
-        teacher_names = class_names_of(AutoConfig.from_pretrained(teacher))
-        if teacher_names != names:
-            raise TeacherError(f"teacher {teacher} has classes {teacher_names}, this run {names}")
+        if class_names_of(config) != names:
+            raise TeacherError(f"teacher {teacher} has classes {class_names_of(config)}, this run {names}")
 
 
 def ensemble_probabilities(teachers: Sequence[str], train: Dataset, pretrained_cfg: dict[str, Any],
-                           temperature: float, batch_size: int = 64, bf16: bool = False) -> np.ndarray:
+                           temperature: float, batch_size: int = 64, bf16: bool = False,
+                           device: str | torch.device = "cpu") -> np.ndarray:
     """The teachers' mean softmax(logits / ``temperature``) on the unaugmented ``train`` images, [N, classes].
 
     A folder whose evaluation folded a calibration temperature into its classifier gets it undone first,
@@ -82,9 +73,9 @@ def ensemble_probabilities(teachers: Sequence[str], train: Dataset, pretrained_c
     view = attach_transforms(train, pretrained_cfg)
     total = None
     for teacher in teachers:
-        model = load_model(teacher)
+        model = load_model(teacher).to(device)
         folded = float(getattr(model.config, "calibration_temperature", 1.0))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             logits, labels = predict_logits(model, view, batch_size)
         probs = torch.softmax(torch.from_numpy(logits * folded) / temperature, dim=-1).numpy()
         logger.info("teacher %s: %.2f%% of the training images right", teacher, 100 * np.mean(logits.argmax(1) == labels))
@@ -93,9 +84,9 @@ def ensemble_probabilities(teachers: Sequence[str], train: Dataset, pretrained_c
 
 
 def add_teacher_targets(train: Dataset, teachers: Sequence[str], pretrained_cfg: dict[str, Any],
-                        temperature: float, bf16: bool = False) -> Dataset:
+                        temperature: float, bf16: bool = False, device: str | torch.device = "cpu") -> Dataset:
     """``train`` with a ``teacher_probs`` column: the ensemble's soft targets, row by row."""
-    probs = ensemble_probabilities(teachers, train, pretrained_cfg, temperature, bf16=bf16)
+    probs = ensemble_probabilities(teachers, train, pretrained_cfg, temperature, bf16=bf16, device=device)
     agree = np.mean(probs.argmax(1) == np.asarray(train["label"]))
     logger.info("%d teachers' ensemble: %.2f%% of the training images right (temperature %g)", len(teachers), 100 * agree, temperature)
     return train.add_column(TEACHER_COLUMN, [row.tolist() for row in probs])

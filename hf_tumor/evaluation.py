@@ -117,7 +117,7 @@ def energy_threshold(validation_logits: np.ndarray, flag_rate: float = 0.01) -> 
     return float(np.quantile(energy_scores(validation_logits), 1 - flag_rate))
 
 
-def _training_split_settings(model_dir: Path) -> dict[str, Any]:
+def training_split_settings(model_dir: Path) -> dict[str, Any]:
     """The split seed, validation fraction and subset size the model was trained with (train_args.json)."""
     settings = {"validation_fraction": 0.15, "split_seed": 42, "limit_per_class": None}
     args_file = model_dir / "train_args.json"
@@ -162,7 +162,7 @@ def evaluate_model(
     class_names = class_names_of(model.config)
     data_dir = resolve_data_dir(data_dir)
     audit = audit or run_audit(data_dir)
-    settings = _training_split_settings(model_dir)
+    settings = training_split_settings(model_dir)
     splits = load_splits(
         data_dir, pretrained_cfg, settings["validation_fraction"], settings["split_seed"],
         groups=train_groups(audit, data_dir), limit_per_class=settings["limit_per_class"],

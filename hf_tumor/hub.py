@@ -107,6 +107,9 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
     pretrained = config["pretrained_cfg"]
     split_seed = args.get("DataArguments", {}).get("split_seed")
     keeps_best = training.get("load_best_model_at_end", True)
+    teachers = model_args.get("teachers") or []
+    distillation = (f"from {', '.join(teachers)} (their mean probabilities): soft-target weight "
+                    f"{model_args.get('distill_alpha')}, temperature {model_args.get('distill_temperature')}") if teachers else "none"
     hyperparameters = [
         ("architecture", architecture), ("initial weights", init), ("image size", pretrained["input_size"][-1]),
         ("epochs (max)", training.get("num_train_epochs")), ("batch size", training.get("per_device_train_batch_size")),
@@ -118,6 +121,7 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         ("dropout", config.get("model_args", {}).get("drop_rate")), ("bf16 autocast", training.get("bf16")),
         ("early stopping patience", model_args.get("early_stopping_patience")),
         ("weights kept", "best validation macro-F1" if keeps_best else "the last epoch's"),
+        ("knowledge distillation", distillation),
         ("augmentation", ", ".join(f"{k} {v}" for k, v in args.get("AugmentConfig", {}).items())),
         ("seed", training.get("seed")),
         ("validation split seed", "the seed" if split_seed is None else split_seed),

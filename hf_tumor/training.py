@@ -360,17 +360,18 @@ def prepare_data(data_args: DataArguments, model_args: ModelArguments, training_
     logger.info("classes %s; train %d, validation %d, test %d images",
                 names, len(splits["train"]), len(splits["validation"]), len(splits["test"]))
     if model_args.teachers:
-        expected = {"validation_fraction": data_args.validation_fraction, "split_seed": split_seed_of(data_args, training_args),
-                    "limit_per_class": data_args.limit_per_class, "image_size": data_args.image_size}
+        split = {"validation_fraction": data_args.validation_fraction, "split_seed": split_seed_of(data_args, training_args),
+                 "limit_per_class": data_args.limit_per_class}
         try:
             if not (0 <= model_args.distill_alpha <= 1 and model_args.distill_temperature > 0):
                 raise TeacherError(f"--distill_alpha must lie in [0, 1] and --distill_temperature be positive, got "
                                    f"{model_args.distill_alpha} and {model_args.distill_temperature}")
-            check_teachers(model_args.teachers, expected, names)
+            check_teachers(model_args.teachers, split, data_args.image_size, names)
         except TeacherError as err:
             raise SystemExit(f"error: {err}") from None
         splits["train"] = add_teacher_targets(splits["train"], model_args.teachers, pretrained_cfg,
-                                              model_args.distill_temperature, bf16=training_args.bf16)
+                                              model_args.distill_temperature, bf16=training_args.bf16,
+                                              device=training_args.device)
     return PreparedData(data_dir, pretrained_cfg, audit, splits, names)
 
 

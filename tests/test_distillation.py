@@ -13,6 +13,7 @@ from conftest import train_args
 from hf_tumor.data import attach_transforms
 from hf_tumor.distillation import distillation_loss, ensemble_probabilities
 from hf_tumor.evaluation import predict_logits
+from hf_tumor.hub import card_inputs
 from hf_tumor.model import load_model
 from hf_tumor.training import main, parse_args, prepare_data
 
@@ -47,16 +48,19 @@ def test_ensemble_targets_undo_the_folded_calibration(trained_model: Path, tiny_
 @pytest.mark.slow
 def test_student_trains_on_the_teachers_targets(trained_model: Path, tiny_data: Path, tmp_path: Path):
     def first_loss(out: Path, *extra: str) -> float:
-        main(train_args(tiny_data, out, "--num_train_epochs", "1", "--logging_steps", "1", "--evaluate_test", "false", *extra))
+        main(train_args(tiny_data, out, "--num_train_epochs", "1", "--logging_steps", "1", *extra))
         return json.loads((out / "trainer_state.json").read_text())["log_history"][0]["loss"]
 
-    plain = first_loss(tmp_path / "plain")
+    plain = first_loss(tmp_path / "plain", "--evaluate_test", "false")
     student = first_loss(tmp_path / "student", "--teachers", str(trained_model), "--distill_alpha", "1.0")
     # same seed, same first batch, same initial weights: only the targets differ
     assert student != pytest.approx(plain, rel=1e-3)
     resolved = json.loads((tmp_path / "student" / "train_args.json").read_text())
     assert resolved["ModelArguments"]["teachers"] == [str(trained_model)]
     assert load_model(tmp_path / "student").config.num_labels == 4
+    rows = dict(card_inputs(tmp_path / "student", "someone/student")[1]["hyperparameters"])
+    assert rows["knowledge distillation"].startswith(f"from {trained_model} (their mean probabilities): soft-target weight 1.0")
+    assert dict(card_inputs(trained_model, "someone/teacher")[1]["hyperparameters"])["knowledge distillation"] == "none"
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from transformers import AutoModelForImageClassification, pipeline
 
 from conftest import CLASSES, REPO, TEST_IMAGE_SIZE, train_args
 from hf_tumor.data import attach_transforms, cache_resized, load_image_folder
-from hf_tumor.evaluation import _training_split_settings, predict_logits
+from hf_tumor.evaluation import training_split_settings, predict_logits
 from hf_tumor.hub import card_inputs
 from hf_tumor.inference import load_predictor, predict_files
 from hf_tumor.model import load_model
@@ -110,7 +110,7 @@ def test_split_seed_draws_validation_apart_from_the_training_seed(tiny_data: Pat
     # evaluation rebuilds the same split from the run's argument file
     for flags, expected in ((["--seed", "1", "--split_seed", "2"], 2), (["--seed", "1"], 1)):
         save_resolved_args(tmp_path, flags, *parse_args(train_args(tiny_data, tmp_path / "run", *flags)))
-        assert _training_split_settings(tmp_path)["split_seed"] == expected
+        assert training_split_settings(tmp_path)["split_seed"] == expected
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
