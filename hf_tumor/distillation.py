@@ -23,26 +23,14 @@ from datasets import Dataset
 from transformers import AutoConfig
 
 from hf_tumor.data import TEACHER_COLUMN, attach_transforms
-from hf_tumor.evaluation import predict_logits, training_split_settings
+from hf_tumor.evaluation import ARGS_FILE, predict_logits, run_folder, training_split_settings
 from hf_tumor.model import class_names_of, load_model
 from hf_tumor.preprocessing import image_size_of
 
 logger = logging.getLogger("hf_tumor")
 
-ARGS_FILE = "train_args.json"
-
-
 class TeacherError(ValueError):
     """A teacher that cannot be used for this run; the message says why."""
-
-
-def _run_folder(teacher: Path) -> Path:
-    """The folder with a teacher's ``train_args.json``: itself, or its run's for a Trainer checkpoint folder."""
-    for folder in (teacher, teacher.parent):
-        if (folder / ARGS_FILE).is_file():
-            return folder
-    raise TeacherError(f"teacher {teacher} has no {ARGS_FILE} (nor has its parent folder): "
-                       "which images it was trained on cannot be checked")
 
 
 def check_teachers(teachers: Sequence[str], split: dict[str, Any], image_size: int, names: list[str]) -> None:
@@ -52,7 +40,11 @@ def check_teachers(teachers: Sequence[str], split: dict[str, Any], image_size: i
         if not (teacher / "config.json").is_file():
             raise TeacherError(f"teacher {teacher} is not a model folder (no config.json)")
         config = AutoConfig.from_pretrained(teacher)
-        settings = dict(training_split_settings(_run_folder(teacher)), image_size=image_size_of(config.pretrained_cfg))
+        args_dir = run_folder(teacher)
+        if args_dir is None:
+            raise TeacherError(f"teacher {teacher} has no {ARGS_FILE} (nor has its parent folder): "
+                               "which images it was trained on cannot be checked")
+        settings = dict(training_split_settings(args_dir), image_size=image_size_of(config.pretrained_cfg))
         expected = dict(split, image_size=image_size)
         differing = {k: (settings[k], v) for k, v in expected.items() if settings[k] != v}
         if differing:

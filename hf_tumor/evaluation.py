@@ -117,10 +117,18 @@ def energy_threshold(validation_logits: np.ndarray, flag_rate: float = 0.01) -> 
     return float(np.quantile(energy_scores(validation_logits), 1 - flag_rate))
 
 
+ARGS_FILE = "train_args.json"  # the resolved arguments of a training run, in its model folder
+
+
+def run_folder(path: Path) -> Path | None:
+    """The folder holding ``path``'s ``train_args.json``: itself, or the run above a Trainer checkpoint folder."""
+    return next((d for d in (path, path.parent) if d.is_dir() and (d / ARGS_FILE).is_file()), None)
+
+
 def training_split_settings(model_dir: Path) -> dict[str, Any]:
     """The split seed, validation fraction and subset size the model was trained with (train_args.json)."""
     settings = {"validation_fraction": 0.15, "split_seed": 42, "limit_per_class": None}
-    args_file = model_dir / "train_args.json"
+    args_file = model_dir / ARGS_FILE
     if args_file.is_file():
         resolved = json.loads(args_file.read_text())
         data_args = resolved.get("DataArguments", {})

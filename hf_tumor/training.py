@@ -34,7 +34,7 @@ from hf_tumor.data import (
     TEACHER_COLUMN, attach_transforms, class_names, collate, iterate_batches, load_splits, resolve_data_dir,
 )
 from hf_tumor.distillation import TeacherError, add_teacher_targets, check_teachers, distillation_loss
-from hf_tumor.evaluation import classification_metrics, evaluate_model
+from hf_tumor.evaluation import ARGS_FILE, classification_metrics, evaluate_model, run_folder
 from hf_tumor.model import INIT_CHOICES, create_model, save_model_atomically
 from hf_tumor.plots import plot_training_curves
 from hf_tumor.preprocessing import AugmentConfig, make_pretrained_cfg
@@ -161,8 +161,6 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "seed": 42,
 }
 
-ARGS_FILE = "train_args.json"
-
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((DataArguments, ModelArguments, AugmentConfig, TrainingArguments))
@@ -267,7 +265,7 @@ def earlier_stages(init: str) -> list[dict[str, Any]]:
     path = Path(init)
     if init in ("scratch", "imagenet") or not path.exists():
         return []
-    run_dir = next((d for d in (path, path.parent) if d.is_dir() and (d / ARGS_FILE).is_file()), None)
+    run_dir = run_folder(path)
     if run_dir is None:  # a checkpoint from elsewhere: nothing recorded about how it was made
         return []
     args = json.loads((run_dir / ARGS_FILE).read_text())
