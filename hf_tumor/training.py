@@ -26,7 +26,7 @@ import transformers
 import yaml
 from datasets import Dataset, DatasetDict
 from transformers import EarlyStoppingCallback, EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_tumor.audit import run_audit, train_groups
@@ -310,6 +310,41 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
+def given_explicitly(argv: Sequence[str], name: str) -> bool:
+    """Whether ``--name`` is set on the command line or in its argument file, not left to a default."""
+    flag = f"--{name}"
+    if any(arg == flag or arg.startswith(flag + "=") for arg in argv):
+        return True
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")) and Path(argv[0]).is_file():
+        return name in (yaml.safe_load(Path(argv[0]).read_text()) or {})
+    return False
+
+
+def precision_name(bf16: bool) -> str:
+    return "bf16 autocast" if bf16 else "fp32"
+
+
+def check_resume_precision(checkpoint: str, bf16: bool, explicit: bool) -> None:
+    """Refuse to resume ``checkpoint`` in another precision than it was trained in, unless asked to.
+
+    ``--bf16`` defaults to what the machine does natively (``bf16_available``), so a run resumed on
+    another machine (one VM here has come with and without AVX512-BF16) would otherwise switch
+    precision in the middle of its schedule without a word.
+    """
+    saved = Path(checkpoint) / TRAINING_ARGS_NAME
+    if explicit or not saved.is_file():
+        return
+    started = bool(getattr(torch.load(saved, weights_only=False), "bf16", False))  # our own file, a pickle
+    if started != bf16:
+        raise SystemExit(
+            f"error: {checkpoint} was trained in {precision_name(started)}, and this machine's default is "
+            f"{precision_name(bf16)} ({hardware_description()}). Resuming would change precision in the "
+            f"middle of the run. Pass --bf16 {started} to go on as it started"
+            f"{' (emulated bf16 on a CPU without native bf16 is about 17x slower)' if started else ''}, or "
+            f"--bf16 {bf16} to go on in {precision_name(bf16)} (train_args.json then records it)."
+        )
+
+
 def hardware_description() -> str:
     """What this run trains on, in words, for the model card."""
     if torch.cuda.is_available():
@@ -380,6 +415,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     setup_logging(training_args)
     transformers.set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
+    logger.info("training on %s in %s", hardware_description(), precision_name(training_args.bf16))
+    resume = training_args.resume_from_checkpoint
+    if resume is None and output_dir.is_dir():
+        resume = last_complete_checkpoint(output_dir)
+        if resume:
+            logger.info("resuming from %s (delete the output folder to start afresh)", resume)
+    if resume:
+        check_resume_precision(resume, training_args.bf16, given_explicitly(argv, "bf16"))
 
     data = prepare_data(data_args, model_args, training_args)
     splits, pretrained_cfg = data.splits, data.pretrained_cfg
@@ -408,11 +451,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
         callbacks=callbacks,
     )
 
-    resume = training_args.resume_from_checkpoint
-    if resume is None and output_dir.is_dir():
-        resume = last_complete_checkpoint(output_dir)
-        if resume:
-            logger.info("resuming from %s (delete the output folder to start afresh)", resume)
     start = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - start

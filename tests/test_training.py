@@ -162,6 +162,29 @@ def test_resume_continues_from_the_last_checkpoint(tiny_data: Path, tmp_path: Pa
     assert first_logged_step == 2  # history carried over from the first run, not restarted
 
 
+def test_resume_keeps_the_precision_the_run_started_in(tiny_data: Path, tmp_path: Path):
+    """--bf16 defaults to what the machine does natively: a run moved to a machine with another default
+    is refused until --bf16 says which precision to go on in, and then goes on in it."""
+    from hf_tumor.training import bf16_available, main
+
+    out = tmp_path / "run"
+    steps = ["--evaluate_test", "False", "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "steps", "--eval_steps", "3"]
+    started_in = not bf16_available()  # what the other machine would have chosen
+    main(train_args(tiny_data, out, *steps, "--max_steps", "3", "--bf16", str(started_in)))
+    assert (out / "checkpoint-3").is_dir()
+
+    with pytest.raises(SystemExit) as refused:
+        main(train_args(tiny_data, out, *steps, "--max_steps", "6"))
+    message = str(refused.value)
+    assert str(out / "checkpoint-3") in message and f"--bf16 {started_in}" in message and f"--bf16 {not started_in}" in message
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3  # untouched
+
+    main(train_args(tiny_data, out, *steps, "--max_steps", "6", "--bf16", str(not started_in)))
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    recorded = json.loads((out / "train_args.json").read_text())
+    assert recorded["TrainingArguments"]["bf16"] is (not started_in)
+
+
 def test_a_run_killed_with_sigkill_resumes_and_finishes(tiny_data: Path, tmp_path: Path):
     """SIGKILL at a random moment after the first checkpoint, plus a checkpoint cut short while being
     written: running the same command again resumes from the last complete checkpoint and finishes."""
