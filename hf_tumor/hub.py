@@ -107,6 +107,8 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
     pretrained = config["pretrained_cfg"]
     split_seed = args.get("DataArguments", {}).get("split_seed")
     keeps_best = training.get("load_best_model_at_end", True)
+    validation_use = [*(["early stopping"] if model_args.get("early_stopping_patience") else []),
+                      *(["checkpoint choice"] if keeps_best else []), "calibration and the out-of-distribution threshold"]
     teachers = model_args.get("teachers") or []
     distillation = (f"from {', '.join(teachers)} (their mean probabilities): soft-target weight "
                     f"{model_args.get('distill_alpha')}, temperature {model_args.get('distill_temperature')}") if teachers else "none"
@@ -159,6 +161,7 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         "temperature": results.get("temperature", 1.0),
         "num_train_total": audit["num_images"]["train"],
         "validation_pct": round(100 * args.get("DataArguments", {}).get("validation_fraction", 0.15)),
+        "validation_use": ", ".join(validation_use),
         "leaked": audit["test_with_train_twin"], "num_test_total": total_test,
         "leaked_pct": f"{100 * audit['test_with_train_twin'] / max(total_test, 1):.1f}",
         "audit_measure": audit["measure"], "audit_threshold": audit["threshold"], "exact_twins": audit.get("exact_test_twins"),

@@ -43,6 +43,7 @@ def test_card_metadata_round_trip(packaged, trained_model):
     clipping = json.loads((trained_model / "train_args.json").read_text())["TrainingArguments"]["max_grad_norm"]
     assert f"| gradient clipping (max norm) | {clipping or 'none'} |" in text
     assert "| weights kept | best validation macro-F1 |" in text and "the checkpoint with the best" in text
+    assert "used for early stopping, checkpoint choice, calibration and the out-of-distribution threshold." in text
 
 
 def test_packaged_weights_are_fp16_and_load_in_fp32_everywhere(packaged, trained_model):

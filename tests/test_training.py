@@ -252,7 +252,10 @@ def test_bare_loop_control_experiment(tiny_data: Path, tmp_path: Path):
     assert resolved["TrainingArguments"]["max_grad_norm"] == 0
     assert resolved["ModelArguments"]["decay_norm_and_bias"] is True and resolved["ModelArguments"]["precise_bn_images"] == 0
     assert resolved["TrainingArguments"]["load_best_model_at_end"] is False
-    assert ("weights kept", "the last epoch's") in card_inputs(out, "someone/bare")[1]["hyperparameters"]
+    card_variables = card_inputs(out, "someone/bare")[1]
+    assert ("weights kept", "the last epoch's") in card_variables["hyperparameters"]
+    # no early stopping and no checkpoint choice: the card must not claim validation did either
+    assert card_variables["validation_use"] == "calibration and the out-of-distribution threshold"
     assert load_model(out).config.label_names == CLASSES
     # no checkpoints to resume from, so a second run into the same folder refuses instead of overwriting
     weights = (out / "model.safetensors").read_bytes()
