@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/brain-tumor-mri
 # The reference model is one 24-epoch cosine cycle on 95% of Training, keeping its last epoch
-# (docs/experiments.md, run 24): about 90 minutes on 2 cores with native bf16, some 4 hours without.
+# (docs/experiments.md, run 24): 70-90 minutes on 2 cores with native bf16 (runs 24, 25), some 4 hours without.
 OUT ?= runs/reference
 # The torch build this project is tested with; override for another CUDA/CPU build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
