@@ -1,12 +1,15 @@
-"""A bare PyTorch training loop: the control experiment for the Trainer path (issue 4).
+"""A bare PyTorch training loop: the control experiment for the Trainer path.
 
 ``hf-tumor train-bare`` takes the same arguments as ``hf-tumor train`` and shares its data, split,
 augmentation, model, learning-rate schedule, model folder and evaluation; only the loop differs, and
 it differs the way a hand-written loop does: ``torch.optim.AdamW(model.parameters())`` (every bias
 and norm decayed), no gradient clipping, BatchNorm running averages as training leaves them, the last
 epoch's weights kept. A gap between the two on one argument file is a gap in the loop, not the recipe.
+The default recipe already decays every parameter, clips nothing and keeps the last epoch, so with
+the defaults the two differ by precise BN and by the Trainer's own machinery only.
 Ignored here, and recorded in ``train_args.json`` as what the loop does: early stopping, precise BN,
-``--max_grad_norm``, ``--decay_norm_and_bias``; there are no checkpoints.
+``--max_grad_norm``, ``--decay_norm_and_bias``, ``--load_best_model_at_end``; there are no checkpoints
+and no resuming.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from torch.utils.data import DataLoader
 from hf_tumor.data import attach_transforms, collate
 from hf_tumor.evaluation import classification_metrics, evaluate_model, predict_logits
 from hf_tumor.model import create_model, save_model_atomically
-from hf_tumor.training import parse_args, prepare_data, save_resolved_args, setup_logging
+from hf_tumor.runtime import setup_logging
+from hf_tumor.training import parse_args, prepare_data, save_resolved_args
 
 logger = logging.getLogger("hf_tumor")
 
@@ -49,9 +53,7 @@ def train_bare(argv: Sequence[str]) -> Path:
     # The flags this loop ignores, set to what it does, so that train_args.json and the model card tell the truth.
     training_args.max_grad_norm, training_args.load_best_model_at_end = 0.0, False
     model_args.decay_norm_and_bias, model_args.precise_bn_images, model_args.early_stopping_patience = True, 0, 0
-    if model_args.teachers:
-        raise SystemExit("error: the bare loop does not distil; use hf-tumor train with --teachers")
-    setup_logging(training_args)
+    setup_logging(training_args.should_log)
     output_dir = Path(training_args.output_dir)
     if (output_dir / "config.json").exists():  # no checkpoints to resume from: never overwrite a finished run
         raise SystemExit(f"error: {output_dir} already holds a model; choose another --output_dir")

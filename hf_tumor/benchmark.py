@@ -1,6 +1,8 @@
 """Benchmarks behind ``scripts/bench_*.py``: medians of repeated timings, with the machine they ran on.
 
-These measure; they do not assert. The tests only check that they run on a tiny setting.
+These measure; they do not assert. The tests only check that they run on a tiny setting. Each script
+writes to ``benchmarks/{measure}_{detail}_{machine}.json`` (``output_path``), so figures from one kind of
+machine never overwrite another's.
 """
 
 from __future__ import annotations
@@ -17,34 +19,45 @@ import numpy as np
 import PIL.Image
 import torch
 
-from hf_tumor.calibration import softmax
 from hf_tumor.image_io import InputError, read_image
-from hf_tumor.inference import load_predictor
-from hf_tumor.data import SPLIT_DIRS, check_layout, image_files
-from hf_tumor.export import passed_backends
+from hf_tumor.inference import Predictor, load_predictor, passed_backends
 from hf_tumor.preprocessing import gray_if_neutral
-from hf_tumor.training import TRAINING_DEFAULTS, cpu_features, cpu_name
+from hf_tumor.runtime import cpu_features, cpu_name, hardware_description, machine_kind
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def output_path(measure: str, detail: str) -> Path:
+    """Where ``make bench`` writes a measure: named by what it measured and the kind of machine."""
+    return BENCHMARKS / f"{measure}_{detail}_{machine_kind()}.json"
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as benchmark files record it: relative to the repository where it is a local path (no
+    machine's absolute paths in committed files), else as given (a Hub id)."""
+    return os.path.relpath(path, REPO) if Path(path).exists() else str(path)
 
 
 def machine() -> dict[str, Any]:
     """Where and with what a benchmark ran."""
     versions = {}
-    for package in ("torch", "timm", "transformers", "onnxruntime"):
+    for package in ("torch", "timm", "transformers", "onnxruntime", "gradio"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
     return {
-        "platform": platform.platform(), "cpu": cpu_name(), "cpu_features": cpu_features(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "versions": versions,
+        "kind": machine_kind(), "hardware": hardware_description(), "platform": platform.platform(),
+        "cpu": cpu_name(), "cpu_features": cpu_features(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "versions": versions,
     }
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median wall time of each function, called in turn (a, b, c, a, b, c, ...).
 
-    Taking turns exposes every function to the same drift in the machine's speed (a shared VM's
+    Taking turns exposes every function to the same drift in the machine's speed (a shared machine's
     neighbours, clock changes), so that ratios between them hold even when absolute figures wander.
     """
     for _ in range(warmup):
@@ -59,34 +72,36 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-FILE_KINDS = ("gray", "rgb", "colour")
+STORAGE_KINDS = ("gray", "gray-in-rgb", "colour")
 
 
-def file_kind(image: PIL.Image.Image) -> str:
-    """'gray' for a grayscale file, 'rgb' for an RGB one with three equal channels (decoded as three,
-    resized as one), 'colour' for a truly coloured one (decoded and resized as three)."""
+def storage_kind(image: PIL.Image.Image) -> str:
+    """How a slice is stored, which decides its path through preprocessing: 'gray' (one channel),
+    'gray-in-rgb' (three equal channels: resized as one) or 'colour' (resized as three)."""
     if image.mode == "L":
         return "gray"
-    return "rgb" if gray_if_neutral(image).mode == "L" else "colour"
+    return "gray-in-rgb" if gray_if_neutral(image).mode == "L" else "colour"
 
 
 def first_of_each_kind(root: Path) -> list[Path]:
-    """The Testing split's first file of each kind, in class-folder order."""
+    """The Testing split's first file of each storage kind, in class-folder order."""
+    from hf_tumor.data import SPLIT_DIRS, check_layout, image_files
+
     found: dict[str, Path] = {}
     for name in check_layout(root):
         for path in image_files(root / SPLIT_DIRS["test"] / name):
-            found.setdefault(file_kind(read_image(path)), path)
-            if len(found) == len(FILE_KINDS):
-                return [found[kind] for kind in FILE_KINDS]
+            found.setdefault(storage_kind(read_image(path)), path)
+            if len(found) == len(STORAGE_KINDS):
+                return [found[kind] for kind in STORAGE_KINDS]
     return list(found.values())
 
 
 def inference_benchmark(model: str, images: list[Path], backends: list[str] | None = None, repeats: int = 100,
                         batch_sizes: tuple[int, ...] = (1, 8, 32)) -> dict[str, Any]:
-    """Per backend: for each file, bare forward and end-to-end (file -> probabilities) batch-1 latency
-    with the stages between; and forward throughput at each batch size.
+    """Per backend: for each file, bare forward and end-to-end (file -> answer with domain flags) batch-1
+    latency with the stages between; and forward throughput at each batch size.
 
-    Files are keyed by ``file_kind``: each kind takes its own path through decoding and preprocessing.
+    Files are keyed by ``storage_kind``: each kind takes its own path through decoding and preprocessing.
     """
     backends = backends or ["torch", *passed_backends(model)]
     decoded: dict[str, tuple[Path, Any]] = {}
@@ -95,39 +110,92 @@ def inference_benchmark(model: str, images: list[Path], backends: list[str] | No
             image = read_image(path)
         except InputError as err:
             raise InputError(f"{path}: {err}") from None
-        kind = file_kind(image)
+        kind = storage_kind(image)
         if kind in decoded:
             raise ValueError(f"{path} and {decoded[kind][0]} are both {kind}: time one file of each kind "
-                             f"({', '.join(FILE_KINDS)}) at most.")
+                             f"({', '.join(STORAGE_KINDS)}) at most.")
         decoded[kind] = (path, image)
     results: dict[str, Any] = {}
     for backend in backends:
         predictor = load_predictor(model, backend)
-        entry: dict[str, Any] = {"reduced_decode": predictor.reduced_decode, "files": {}, "throughput_images_per_s": {}}
+        entry: dict[str, Any] = {"files": {}, "throughput_images_per_s": {}}
         for kind, (path, image) in decoded.items():
             # one turn-taking run per file, its own forward included: in one long turn for both files,
             # PyTorch's end-to-end timings depended on their position in it by up to 20% (measured)
-            read = predictor.read(path)  # as prediction reads it: at reduced scale where that was checked
             x = predictor.preprocess([image])
             stages = {
-                "forward": lambda: predictor.logits(x),
-                "end_to_end": lambda: softmax(predictor.logits(predictor.preprocess([predictor.read(path)]))),
+                "forward": lambda: predictor.forward(x),
+                "end_to_end": lambda: predictor.predict_files([path]),
+                "read": lambda: read_image(path),
+                "preprocess": lambda: predictor.preprocess([image]),
             }
-            if predictor.reduced_decode:  # what reading in full would cost, in the same turns
-                # right after a forward too, as every request is: a read after a cheap stage was measured
-                # 0.5 ms faster than the same read after a forward (the forward evicts the caches)
-                stages["end_to_end_full_read"] = lambda: softmax(predictor.logits(predictor.preprocess([read_image(path)])))
-            stages["read"] = lambda: predictor.read(path)
-            stages["preprocess"] = lambda: predictor.preprocess([read])
             ms = {name: 1000 * seconds for name, seconds in interleaved_medians(stages, repeats).items()}
-            entry["files"][kind] = {"file": str(path), **{f"{stage}_ms": round(value, 3) for stage, value in ms.items()},
+            entry["files"][kind] = {"file": shown(path), **{f"{stage}_ms": round(value, 3) for stage, value in ms.items()},
                                     "end_to_end_over_forward": round(ms["end_to_end"] / ms["forward"], 3)}
         for batch_size in batch_sizes:
             batch = np.repeat(x, batch_size, axis=0)
-            seconds = interleaved_medians({"batch": lambda: predictor.logits(batch)}, max(3, repeats // batch_size), warmup=1)["batch"]
+            seconds = interleaved_medians({"batch": lambda: predictor.forward(batch)}, max(3, repeats // batch_size), warmup=1)["batch"]
             entry["throughput_images_per_s"][str(batch_size)] = round(batch_size / seconds, 1)
         results[backend] = entry
-    return {"model": str(model), "repeats": repeats, "machine": machine(), "backends": results}
+    return {"model": shown(model), "repeats": repeats, "machine": machine(), "backends": results}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(model: str, port: int, timeout: float = 300) -> tuple["subprocess.Popen", float]:
+    """``python space/app.py`` serving ``model`` on 127.0.0.1:``port``; returns it and the seconds until
+    it answered HTTP."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = dict(os.environ, HF_TUMOR_MODEL=model, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1",
+               GRADIO_ANALYTICS_ENABLED="False")
+    start = time.perf_counter()
+    server = subprocess.Popen([sys.executable, str(REPO / "space" / "app.py")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while time.perf_counter() - start < timeout:
+        if server.poll() is not None:
+            raise RuntimeError(f"the app exited with code {server.returncode} before serving: {server.stderr.read()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return server, time.perf_counter() - start
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError(f"the app did not answer on port {port} within {timeout:.0f} s")
+
+
+def app_start_benchmark(model: str, image: Path, runs: int = 3) -> dict[str, Any]:
+    """Seconds from launch until the app answers HTTP, its resident memory then, and after a first /classify."""
+    import psutil
+    from gradio_client import Client, handle_file
+
+    results = []
+    for _ in range(runs):
+        port = free_port()
+        server, ready = start_app(model, port)
+        try:
+            process = psutil.Process(server.pid)
+            rss_ready = process.memory_info().rss
+            client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            start = time.perf_counter()
+            client.predict(handle_file(str(image)), api_name="/classify")
+            first = time.perf_counter() - start
+            rss_after = process.memory_info().rss
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        results.append({"ready_s": round(ready, 2), "first_classify_s": round(first, 3),
+                        "rss_mb_ready": round(rss_ready / 2**20), "rss_mb_after_first_request": round(rss_after / 2**20)})
+    medians = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    return {"model": shown(model), "image": shown(image), "runs": results, "median": medians, "machine": machine()}
 
 
 def load_test(url: str, images: list[Path], clients: int = 16, seconds: float = 60.0,
@@ -207,6 +275,49 @@ def load_test(url: str, images: list[Path], clients: int = 16, seconds: float = 
     }
 
 
+def non_mri_images(seed: int = 0) -> dict[str, PIL.Image.Image]:
+    """Images that are not brain MRI slices, all available offline: scikit-learn's sample photos,
+    synthetic documents, noise, blank and colour images. Used to measure the domain check."""
+    from PIL import ImageDraw
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(seed)
+    images = {name: PIL.Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")}
+    for name in ("china.jpg", "flower.jpg"):
+        images[f"gray {name}"] = images[name].convert("L")
+    for i in range(3):
+        page = PIL.Image.new("L", (420, 560), 255)
+        draw = ImageDraw.Draw(page)
+        for line in range(25):
+            draw.text((24, 20 + 21 * line), " ".join("lorem ipsum dolor" for _ in range(rng.integers(1, 4))), fill=0)
+        images[f"document {i}"] = page
+        images[f"gray noise {i}"] = PIL.Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8))
+        images[f"colour noise {i}"] = PIL.Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    images["blank white"] = PIL.Image.new("RGB", (256, 256), (255, 255, 255))
+    images["blank black"] = PIL.Image.new("RGB", (256, 256), (0, 0, 0))
+    gradient = np.linspace(0, 255, 256, dtype=np.uint8)
+    red, green = np.meshgrid(gradient, gradient)
+    images["colour gradient"] = PIL.Image.fromarray(np.stack([red, green, 255 - red], -1))
+    return images
+
+
+def ood_report(predictor: Predictor, mri_paths: list[str]) -> dict[str, Any]:
+    """Share of real MRI slices wrongly flagged, and of non-MRI images caught, by the domain check."""
+    flagged = [bool(p.flags) for p in predictor.predict_files(mri_paths)]
+    images = non_mri_images()
+    caught = {name: bool(p.flags) for name, p in zip(images, predictor.predict([im.convert("RGB") for im in images.values()]))}
+    return {
+        "model": shown(predictor.source), "backend": predictor.backend,
+        "mri_images": len(mri_paths),
+        "mri_wrongly_flagged": float(np.mean(flagged)) if flagged else None,
+        "non_mri_images": len(caught),
+        "non_mri_caught": float(np.mean(list(caught.values()))),
+        "non_mri_missed": sorted(name for name, hit in caught.items() if not hit),
+        "energy_threshold": predictor.domain.energy_limit,
+        "machine": machine(),
+    }
+
+
 class _PeakRSS:
     """Peak resident memory of this process while the ``with`` block runs (sampled every 20 ms)."""
 
@@ -250,6 +361,7 @@ def train_benchmark(data_dir: str | os.PathLike, image_size: int, precision: str
     from hf_tumor.bare_loop import train_step
     from hf_tumor.data import collate, resolve_data_dir
     from hf_tumor.model import create_model
+    from hf_tumor.training import TRAINING_DEFAULTS
 
     view = _train_view(resolve_data_dir(data_dir), image_size, model_name)
     workers = TRAINING_DEFAULTS["dataloader_num_workers"]

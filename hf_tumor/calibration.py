@@ -10,13 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64."""
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+from hf_tumor.inference import softmax
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> list[tuple[float, float, float]]:

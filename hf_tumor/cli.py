@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from hf_tumor.audit import DEFAULT_THRESHOLD
-from hf_tumor.data import DataError
-from hf_tumor.hub import PushError
-from hf_tumor.evaluation import EVAL_RESULTS_KEYS
-from hf_tumor.export import ExportError
-from hf_tumor.inference import BACKENDS, DECODES, BackendError
-from hf_tumor.model import ModelInitError
+from hf_tumor.errors import UserError
+from hf_tumor.inference import BACKENDS
 
 
 def _evaluate(argv: Sequence[str]) -> int:
+    from hf_tumor.evaluation import EVAL_RESULTS_KEYS, evaluate_model
+    from hf_tumor.runtime import setup_logging
+
     parser = argparse.ArgumentParser(
         prog="hf-tumor evaluate",
         description="Evaluate a model folder on the official and leak-free test splits, calibrate it on validation.",
@@ -28,9 +27,6 @@ def _evaluate(argv: Sequence[str]) -> int:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--no_calibrate", action="store_true", help="Do not fit and fold a temperature.")
     args = parser.parse_args(argv)
-    from hf_tumor.evaluation import evaluate_model
-    from hf_tumor.training import setup_logging
-
     setup_logging()
     results = evaluate_model(args.model, args.data_dir, args.batch_size, calibrate=not args.no_calibrate)
     for name, split in results["splits"].items():
@@ -46,14 +42,15 @@ def _evaluate(argv: Sequence[str]) -> int:
 def _audit(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="hf-tumor audit", description="Find duplicates and train/test leakage.")
     parser.add_argument("--data_dir", help="Folder with Training/ and Testing/ (default: $HF_TUMOR_DATA).")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                        help="Near-duplicate threshold on the Pearson correlation of 128x128 grayscale thumbnails.")
+    parser.add_argument("--threshold", type=float,
+                        help="Near-duplicate threshold on the Pearson correlation of 128x128 grayscale thumbnails "
+                             "(default 0.99).")
     parser.add_argument("--output", default="audit_report.json", help="Where to write the JSON report.")
     args = parser.parse_args(argv)
-    from hf_tumor.audit import run_audit, summary
+    from hf_tumor.audit import DEFAULT_THRESHOLD, run_audit, summary
     from hf_tumor.data import resolve_data_dir
 
-    report = run_audit(resolve_data_dir(args.data_dir), args.threshold)
+    report = run_audit(resolve_data_dir(args.data_dir), args.threshold or DEFAULT_THRESHOLD)
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
     print(summary(report))
     print(f"wrote {args.output}")
@@ -62,32 +59,64 @@ def _audit(argv: Sequence[str]) -> int:
 
 def _predict(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="hf-tumor predict", description="Classify MRI slice image files.")
-    parser.add_argument("images", nargs="+", help="Image files (JPEG, PNG, ...).")
+    parser.add_argument("images", nargs="+", help="Image files (JPEG, PNG, DICOM, ...).")
     parser.add_argument("--model", help="Model folder or Hub repo id (default: $HF_TUMOR_MODEL, else the bundled model).")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin.")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="auto: the fastest backend whose ONNX parity check passed (see `hf-tumor export`), else torch.")
-    parser.add_argument("--decode", default="auto", choices=DECODES,
-                        help="How JPEGs are read. reduced: decoded at 1/2, 1/4 or 1/8 scale, never below twice the model's "
-                             "input size (faster, slightly different pixels); auto: reduced where `hf-tumor export` "
-                             "checked it with the backend, else full.")
-    parser.add_argument("--json", action="store_true", help="One JSON object per line.")
+    parser.add_argument("--json", action="store_true",
+                        help="One JSON object per line: path, label, probabilities, flags (reasons to distrust the "
+                             "label; empty when nothing is wrong), error.")
     args = parser.parse_args(argv)
-    from hf_tumor.inference import load_predictor, predict_files
-    from hf_tumor.model import default_model
+    from hf_tumor.inference import load_predictor
+    from hf_tumor.inference import default_model
 
-    predictor = load_predictor(args.model or default_model(), args.backend, args.revision, args.decode)
+    predictor = load_predictor(args.model or default_model(), args.backend, args.revision)
     print(predictor.describe(), file=sys.stderr)
-    predictions = predict_files(predictor, args.images)
+    predictions = predictor.predict_files(args.images)
     for p in predictions:
         if args.json:
-            print(json.dumps({"path": p.path, "label": p.label, "probabilities": p.probabilities, "error": p.error}))
+            print(json.dumps(p.to_dict()))
         elif p.error:
             print(f"{p.path}: error: {p.error}", file=sys.stderr)
         else:
             probs = "  ".join(f"{name} {value:.4f}" for name, value in p.probabilities.items())
-            print(f"{p.path}: {p.label}  ({probs})")
+            warning = f"  [flagged: {'; '.join(p.flags)}]" if p.flags else ""
+            print(f"{p.path}: {p.label}  ({probs}){warning}")
     return 1 if any(p.error for p in predictions) else 0
+
+
+def _external(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hf-tumor external",
+        description="Classify slices cut from healthy MRI volumes that ship inside installed packages (nilearn, "
+                    "dipy, nibabel, Debian's ITK examples) and report, per source, plane and level band, how many "
+                    "are called notumor and how many confident tumour labels the domain check leaves unflagged.",
+    )
+    parser.add_argument("--model", help="Model folder or Hub repo id (default: $HF_TUMOR_MODEL, else the bundled model).")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--sources", nargs="+", help="Which sources (default: every installed one).")
+    parser.add_argument("--output", help="Write the report as JSON here.")
+    parser.add_argument("--save_slices", metavar="DIR", help="Also write the slices as JPEGs with a slices.csv index.")
+    args = parser.parse_args(argv)
+    from hf_tumor.external import build_suite, external_report, format_report, save_slices
+    from hf_tumor.inference import default_model, load_predictor
+
+    predictor = load_predictor(args.model or default_model(), args.backend)
+    print(predictor.describe(), file=sys.stderr)
+    suite = build_suite(args.sources)
+    predictions = [p for start in range(0, len(suite), 32)
+                   for p in predictor.predict([s.image for s in suite[start : start + 32]])]
+    report = external_report(suite, predictions, predictor.class_names)
+    local = Path(predictor.source).exists()  # recorded relative to here: no machine's absolute paths in reports
+    report["model"], report["backend"] = os.path.relpath(predictor.source) if local else predictor.source, predictor.backend
+    print(format_report(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.output}")
+    if args.save_slices:
+        print(f"wrote {len(suite)} slices and {save_slices(suite, args.save_slices)}")
+    return 0
 
 
 def _export(argv: Sequence[str]) -> int:
@@ -100,8 +129,9 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--data_dir", help="Folder with Training/ and Testing/ (default: $HF_TUMOR_DATA).")
     parser.add_argument("--calibration_images", type=int, default=256, help="Training images used to calibrate int8.")
     args = parser.parse_args(argv)
-    from hf_tumor.export import ONNX_DIR, PARITY_FILE, REDUCED_DECODE, export_model
-    from hf_tumor.training import setup_logging
+    from hf_tumor.export import export_model
+    from hf_tumor.inference import ONNX_DIR, PARITY_FILE
+    from hf_tumor.runtime import setup_logging
 
     setup_logging()
     report = export_model(args.model, args.data_dir, args.quantize == "int8", args.calibration_images)
@@ -113,14 +143,6 @@ def _export(argv: Sequence[str]) -> int:
                   f"{entry['max_probability_difference']:.4f}  accuracy {entry['accuracy']:.2%} "
                   f"(PyTorch {report['torch_accuracy']:.2%})  {'passed' if entry['passed'] else 'FAILED'}")
             failed += [] if entry["passed"] else [name]
-    reduced = report[REDUCED_DECODE]
-    for name in ("torch", "onnx", "onnx-int8"):
-        if name in reduced:
-            entry = reduced[name]
-            print(f"{name + ', JPEGs read reduced':<30} top-1 agreement {entry['top1_agreement']:.2%}  max prob diff "
-                  f"{entry['max_probability_difference']:.4f}  accuracy {entry['accuracy']:.2%} "
-                  f"(PyTorch, full reads {reduced['full_decode_torch_accuracy']:.2%})  "
-                  f"{'passed' if entry['passed'] else 'not passed: JPEGs are read in full'}")
     print(f"parity on {report['num_images']} test images written to {Path(args.model) / ONNX_DIR / PARITY_FILE}")
     if failed:
         print(f"hf-tumor export: {', '.join(failed)} failed the parity check and will not be used.", file=sys.stderr)
@@ -173,6 +195,11 @@ def _train_bare(argv: Sequence[str]) -> int:
     return 0
 
 
+# Which extra brings a package that a command may need (pyproject.toml).
+EXTRAS = {"datasets": "train", "accelerate": "train", "evaluate": "train", "sklearn": "train", "matplotlib": "train",
+          "yaml": "train", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "nibabel": "external",
+          "gradio": "app", "pytorch_grad_cam": "app", "kagglehub": "kaggle"}
+
 COMMANDS = {
     "train": (_train, "train a model folder (same flags as scripts/train.py; --help lists them)"),
     "train-bare": (_train_bare, "the same with a bare PyTorch loop instead of the Trainer (a control experiment)"),
@@ -182,6 +209,7 @@ COMMANDS = {
     "package": (_package, "write a Hub-ready copy of a model folder (fp16 weights, model card)"),
     "push": (_push, "push a model folder, and optionally the Space, to the Hugging Face Hub"),
     "predict": (_predict, "classify image files"),
+    "external": (_external, "classify healthy MRI volumes from installed packages, slice by slice (external check)"),
 }
 
 
@@ -194,8 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = COMMANDS[argv[0]][0], argv[1:]
     try:
         return command(rest)
-    except (DataError, ModelInitError, PushError, ExportError, BackendError, OSError) as err:  # OSError: missing files, unloadable models
+    except (UserError, OSError) as err:  # OSError: missing files, unloadable models
         print(f"hf-tumor {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # a command whose extra is not installed
+        extra = EXTRAS.get(err.name.split(".")[0], "dev") if err.name else "dev"
+        print(f"hf-tumor {argv[0]}: error: {err.name} is not installed: pip install 'hf-tumor[{extra}]'", file=sys.stderr)
         return 2
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
 
+from hf_tumor.errors import UserError
 from hf_tumor.preprocessing import (
     AugmentConfig,
     augment_array,
@@ -35,10 +36,9 @@ KAGGLE_DATASET = "masoudnickparvar/brain-tumor-mri-dataset"
 DATA_ENV = "HF_TUMOR_DATA"
 CACHE_ENV = "HF_TUMOR_CACHE"
 _CACHE_VERSION = 1  # bump when the cached representation changes
-TEACHER_COLUMN = "teacher_probs"  # soft targets of a distillation run (hf_tumor.distillation)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data that cannot be used; the message says what was found and what is expected."""
 
 
@@ -325,28 +325,21 @@ def attach_transforms(
     to_tensor = create_eval_transform(pretrained_cfg).to_tensor
     random_aug = create_train_augment(augment, size) if augment is not None else None
 
-    extra = [TEACHER_COLUMN] if TEACHER_COLUMN in dataset.column_names else []
-
     def transform(batch: dict[str, list]) -> dict[str, list]:
         arrays: Iterable[np.ndarray] = (pixels_to_array(p, size) for p in batch["pixels"])
         if random_aug is not None:
             arrays = (augment_array(a, random_aug) for a in arrays)
-        rows = {"pixel_values": [to_tensor(a) for a in arrays], "labels": batch["label"]}
-        rows.update({c: [torch.tensor(v) for v in batch[c]] for c in extra})
-        return rows
+        return {"pixel_values": [to_tensor(a) for a in arrays], "labels": batch["label"]}
 
-    return dataset.with_transform(transform, columns=["pixels", "label", *extra])
+    return dataset.with_transform(transform, columns=["pixels", "label"])
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack ``pixel_values`` and ``labels`` (and ``teacher_probs`` where present) of a list of examples."""
-    stacked = {
+    """Stack ``pixel_values`` and ``labels`` of a list of examples."""
+    return {
         "pixel_values": torch.stack([example["pixel_values"] for example in batch]),
         "labels": torch.tensor([example["labels"] for example in batch], dtype=torch.long),
     }
-    if TEACHER_COLUMN in batch[0]:
-        stacked[TEACHER_COLUMN] = torch.stack([example[TEACHER_COLUMN] for example in batch])
-    return stacked
 
 
 def iterate_batches(dataset: Dataset, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:

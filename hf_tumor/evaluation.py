@@ -22,8 +22,10 @@ from datasets import Dataset
 from sklearn.metrics import f1_score
 
 from hf_tumor.audit import fingerprints, run_audit, standardize, train_groups
-from hf_tumor.calibration import calibration_report, fit_temperature, fold_temperature, softmax
+from hf_tumor.calibration import calibration_report, fit_temperature, fold_temperature
 from hf_tumor.data import attach_transforms, iterate_batches, load_splits, resolve_data_dir
+from hf_tumor.domain import energy_scores, energy_threshold
+from hf_tumor.inference import softmax, torch_forward
 from hf_tumor.model import class_names_of, load_model, save_model_atomically
 from hf_tumor.plots import plot_confusion_matrix, plot_reliability
 
@@ -78,16 +80,14 @@ def bootstrap_ci(predictions: np.ndarray, references: np.ndarray, n: int = 1000,
     return {"accuracy_ci95": interval(accuracy), "f1_macro_ci95": interval(f1)}
 
 
-@torch.inference_mode()
 def predict_logits(model: torch.nn.Module, view: Dataset, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels for every row of an ``attach_transforms`` view, in order, in fp32."""
-    model.eval()
-    device = next(model.parameters()).device
+    forward = torch_forward(model)
     logits, labels = [], []
     for batch in iterate_batches(view, batch_size):
-        logits.append(model(pixel_values=batch["pixel_values"].to(device)).logits.float().cpu())
-        labels.append(batch["labels"])
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+        logits.append(forward(batch["pixel_values"]))
+        labels.append(batch["labels"].numpy())
+    return np.concatenate(logits), np.concatenate(labels)
 
 
 def nearest_neighbour_labels(data_dir: str | os.PathLike, query_paths: list[str]) -> list[str]:
@@ -107,22 +107,7 @@ def nearest_neighbour_labels(data_dir: str | os.PathLike, query_paths: list[str]
     return [fp.labels[train[j]] for j in nearest]
 
 
-def energy_scores(logits: np.ndarray) -> np.ndarray:
-    """Energy score, -logsumexp(logits): higher means less like the training data."""
-    return -torch.logsumexp(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
-
-
-def energy_threshold(validation_logits: np.ndarray, flag_rate: float = 0.01) -> float:
-    """The energy above which an input is flagged: its (1 - flag_rate) quantile on validation slices."""
-    return float(np.quantile(energy_scores(validation_logits), 1 - flag_rate))
-
-
 ARGS_FILE = "train_args.json"  # the resolved arguments of a training run, in its model folder
-
-
-def run_folder(path: Path) -> Path | None:
-    """The folder holding ``path``'s ``train_args.json``: itself, or the run above a Trainer checkpoint folder."""
-    return next((d for d in (path, path.parent) if d.is_dir() and (d / ARGS_FILE).is_file()), None)
 
 
 def training_split_settings(model_dir: Path) -> dict[str, Any]:
@@ -137,6 +122,15 @@ def training_split_settings(model_dir: Path) -> dict[str, Any]:
         split_seed = data_args.get("split_seed")  # None, or absent in older files: the training seed
         settings["split_seed"] = resolved.get("TrainingArguments", {}).get("seed", 42) if split_seed is None else split_seed
     return settings
+
+
+def rebuilt_splits(model_dir: Path, data_dir: Path, audit: dict[str, Any], pretrained_cfg: dict[str, Any]):
+    """Train / validation / test exactly as the model's training drew them (train_args.json)."""
+    settings = training_split_settings(model_dir)
+    return load_splits(
+        data_dir, pretrained_cfg, settings["validation_fraction"], settings["split_seed"],
+        groups=train_groups(audit, data_dir), limit_per_class=settings["limit_per_class"],
+    )
 
 
 def _split_report(
@@ -170,11 +164,7 @@ def evaluate_model(
     class_names = class_names_of(model.config)
     data_dir = resolve_data_dir(data_dir)
     audit = audit or run_audit(data_dir)
-    settings = training_split_settings(model_dir)
-    splits = load_splits(
-        data_dir, pretrained_cfg, settings["validation_fraction"], settings["split_seed"],
-        groups=train_groups(audit, data_dir), limit_per_class=settings["limit_per_class"],
-    )
+    splits = rebuilt_splits(model_dir, data_dir, audit, pretrained_cfg)
     if splits["test"].features["label"].names != class_names:
         raise ValueError(
             f"The model's classes {class_names} differ from the data's class folders {splits['test'].features['label'].names}."

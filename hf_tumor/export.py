@@ -6,9 +6,8 @@
     onnx/model_quantized.onnx    int8 (static, QDQ, per-channel weights), calibrated on training images
     onnx/parity.json             agreement with the PyTorch model on the whole Testing split
 
-The inference backends (``hf_tumor.inference``) only use an ONNX file whose parity entry passed. The
-same report checks reading JPEGs at a reduced DCT scale (``read_image(..., reduce_to=...)``) with each
-backend, against PyTorch on the files read in full; prediction reads that way only where it passed.
+The serving layer (``hf_tumor.inference``) only uses an ONNX file whose parity entry passed, and the
+check computes every backend's logits through that layer's own forwards.
 """
 
 from __future__ import annotations
@@ -24,23 +23,20 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from hf_tumor.calibration import softmax
+from hf_tumor.errors import UserError
 from hf_tumor.data import (
     attach_transforms, cache_resized, first_per_class, iterate_batches, load_image_folder, resolve_data_dir,
 )
-from hf_tumor.image_io import read_image
+from hf_tumor.inference import (
+    ONNX_DIR, ONNX_FILES, PARITY_FILE, onnx_forward, onnx_session, softmax, torch_forward,
+)
 from hf_tumor.model import LogitsOnly, class_names_of, load_model
-from hf_tumor.preprocessing import create_eval_transform, reduced_read_size
 
-ONNX_DIR = "onnx"
-ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_quantized.onnx"}
-PARITY_FILE = "parity.json"
 MIN_TOP1_AGREEMENT = 0.995  # share of test images whose top-1 class matches PyTorch's
 MAX_INT8_ACCURACY_DROP = 0.003  # accuracy points (as a fraction) int8 may lose against PyTorch fp32
-REDUCED_DECODE = "reduced_decode"  # parity.json entry of reading JPEGs at reduced scale; same bars as int8
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The model cannot be exported against this data (its classes differ from the data's)."""
 
 
@@ -98,35 +94,20 @@ def quantize_int8(fp32_path: Path, path: Path, batches: Iterator[np.ndarray]) ->
     return path
 
 
-def onnx_session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session with full graph optimization."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # no busy-waiting between runs: spinning ORT threads starve the decode and preprocessing that
-    # follow each request on a small CPU (measured: end-to-end 23 ms for an 12 ms int8 forward)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def parity_report(model: torch.nn.Module, sessions: dict[str, Any], view, batch_size: int = 32) -> dict[str, Any]:
     """Top-1 agreement, maximum probability difference and accuracy of each ONNX session against PyTorch."""
-    reference, outputs, labels = [], {name: [] for name in sessions}, []
-    with torch.inference_mode():
-        for batch in iterate_batches(view, batch_size):
-            x = batch["pixel_values"]
-            reference.append(model(pixel_values=x).logits.float().numpy())
-            labels.append(batch["labels"].numpy())
-            for name, session in sessions.items():
-                outputs[name].append(session.run(["logits"], {"pixel_values": x.numpy()})[0])
-    ref_probs, labels = softmax(np.concatenate(reference)), np.concatenate(labels)
+    forwards = {"torch": torch_forward(model), **{name: onnx_forward(session) for name, session in sessions.items()}}
+    logits, labels = {name: [] for name in forwards}, []
+    for batch in iterate_batches(view, batch_size):
+        x = batch["pixel_values"].numpy()
+        labels.append(batch["labels"].numpy())
+        for name, forward in forwards.items():
+            logits[name].append(forward(x))
+    ref_probs, labels = softmax(np.concatenate(logits["torch"])), np.concatenate(labels)
     torch_accuracy = float((ref_probs.argmax(1) == labels).mean())
     report: dict[str, Any] = {"num_images": int(len(labels)), "torch_accuracy": torch_accuracy}
     for name in sessions:
-        probs = softmax(np.concatenate(outputs[name]))
+        probs = softmax(np.concatenate(logits[name]))
         accuracy = float((probs.argmax(1) == labels).mean())
         agreement = float((probs.argmax(1) == ref_probs.argmax(1)).mean())
         passed = agreement >= MIN_TOP1_AGREEMENT and (name != "onnx-int8" or torch_accuracy - accuracy <= MAX_INT8_ACCURACY_DROP)
@@ -138,51 +119,6 @@ def parity_report(model: torch.nn.Module, sessions: dict[str, Any], view, batch_
             "accuracy": accuracy,
             "accuracy_drop": torch_accuracy - accuracy,
             "passed": bool(passed),
-        }
-    return report
-
-
-def weights_bytes(model_dir: str | os.PathLike) -> int:
-    """Size of a model folder's PyTorch weights: ties a PyTorch parity verdict to the weights it was measured on."""
-    return sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors"))
-
-
-def reduced_decode_report(model: torch.nn.Module, sessions: dict[str, Any], paths: list[str], labels: list[int],
-                          pretrained_cfg: dict[str, Any], weights: int, batch_size: int = 32) -> dict[str, Any]:
-    """Per backend (PyTorch and each ONNX session): top-1 agreement, maximum probability difference and
-    accuracy with JPEGs read at reduced scale, against PyTorch on the same files read in full."""
-    transform, size = create_eval_transform(pretrained_cfg), reduced_read_size(pretrained_cfg)
-
-    def batch(chunk: list[str], reduce_to: int | None) -> np.ndarray:
-        return np.stack([transform.to_array(read_image(path, reduce_to)) for path in chunk])
-
-    def torch_logits(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(pixel_values=torch.from_numpy(x)).logits.float().numpy()
-
-    forwards = {"torch": torch_logits,
-                **{name: (lambda x, s=session: s.run(["logits"], {"pixel_values": x})[0]) for name, session in sessions.items()}}
-    reference, outputs = [], {name: [] for name in forwards}
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        reference.append(torch_logits(batch(chunk, None)))
-        reduced = batch(chunk, size)
-        for name, forward in forwards.items():
-            outputs[name].append(forward(reduced))
-    ref_probs, labels_ = softmax(np.concatenate(reference)), np.asarray(labels)
-    reference_accuracy = float((ref_probs.argmax(1) == labels_).mean())
-    report: dict[str, Any] = {"reduce_to": size, "num_images": len(paths), "full_decode_torch_accuracy": reference_accuracy}
-    for name in forwards:
-        probs = softmax(np.concatenate(outputs[name]))
-        agreement = float((probs.argmax(1) == ref_probs.argmax(1)).mean())
-        accuracy = float((probs.argmax(1) == labels_).mean())
-        report[name] = {
-            "bytes": weights if name == "torch" else Path(sessions[name]._model_path).stat().st_size,
-            "top1_agreement": agreement,
-            "max_probability_difference": float(np.abs(probs - ref_probs).max()),
-            "accuracy": accuracy,
-            "accuracy_drop": reference_accuracy - accuracy,
-            "passed": bool(agreement >= MIN_TOP1_AGREEMENT and reference_accuracy - accuracy <= MAX_INT8_ACCURACY_DROP),
         }
     return report
 
@@ -222,36 +158,7 @@ def export_model(
     cached = cache_resized(test, cfg, "test")
     sessions = {name: onnx_session(p) for name, p in paths.items()}
     report = parity_report(model, sessions, attach_transforms(cached, cfg))
-    report[REDUCED_DECODE] = reduced_decode_report(model, sessions, cached["path"], cached["label"], cfg, weights_bytes(model_dir))
     report.update(model=str(model_dir), data_dir=str(data_dir), export_seconds=round(export_seconds, 1),
                   min_top1_agreement=MIN_TOP1_AGREEMENT, max_int8_accuracy_drop=MAX_INT8_ACCURACY_DROP)
     (out / PARITY_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return report
-
-
-def passed_backends(model_dir: str | os.PathLike) -> list[str]:
-    """The ONNX backends of a local model folder whose files exist and whose parity check passed."""
-    parity_file = Path(model_dir) / ONNX_DIR / PARITY_FILE
-    if not parity_file.is_file():
-        return []
-    report = json.loads(parity_file.read_text())
-    passed = []
-    for name, file in ONNX_FILES.items():
-        path, entry = Path(model_dir) / ONNX_DIR / file, report.get(name, {})
-        # the size ties the verdict to the file it was measured on: a re-export without a check is not used
-        if entry.get("passed") and path.is_file() and path.stat().st_size == entry.get("bytes"):
-            passed.append(name)
-    return passed
-
-
-def reduced_decode_passed(model_dir: str | os.PathLike, backend: str) -> bool:
-    """Whether reading JPEGs at reduced scale passed its check with ``backend``, on the files there now."""
-    parity_file = Path(model_dir) / ONNX_DIR / PARITY_FILE
-    if not parity_file.is_file():
-        return False
-    entry = json.loads(parity_file.read_text()).get(REDUCED_DECODE, {}).get(backend, {})
-    if not entry.get("passed"):
-        return False
-    if backend == "torch":
-        return weights_bytes(model_dir) == entry.get("bytes")
-    return backend in passed_backends(model_dir)  # the ONNX file's own check ties it to its bytes

@@ -17,21 +17,24 @@ import timm
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors.torch import load_file, save_file
 
-from hf_tumor.export import ONNX_DIR, ONNX_FILES, PARITY_FILE, REDUCED_DECODE, reduced_decode_passed
+from hf_tumor.errors import UserError
+from hf_tumor.inference import ONNX_DIR, ONNX_FILES, PARITY_FILE
 
 logger = logging.getLogger("hf_tumor")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CARD_TEMPLATE = REPO_ROOT / "model_card.md"
+# a Jinja template for huggingface_hub.ModelCard, shipped inside the package (package-data)
+CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 SPACE_DIR = REPO_ROOT / "space"
 KAGGLE_ID = "masoudnickparvar/brain-tumor-mri-dataset"
 # what a Hub model repo needs; checkpoints, optimizer states and logs stay behind
+EXTERNAL_FILE = "external_results.json"  # `hf-tumor external --output MODEL/external_results.json`
 MODEL_FILES = ("config.json", "model.safetensors", "README.md", "eval_results.json", "train_args.json",
                "train_results.json", "validation_results.json", "trainer_state.json", "training_curves.png",
-               "confusion_matrix.png", "confusion_matrix_clean.png", "reliability_diagram.png")
+               "confusion_matrix.png", "confusion_matrix_clean.png", "reliability_diagram.png", EXTERNAL_FILE)
 
 
-class PushError(RuntimeError):
+class PushError(UserError, RuntimeError):
     """A push that cannot start (no token, no network); raised before anything is uploaded."""
 
 
@@ -78,11 +81,9 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
     model_args = args.get("ModelArguments", {})
     training = args.get("TrainingArguments", {})
     init = model_args.get("init", "unknown")
-    stages = args.get("earlier_stages", [])
-    first_init = stages[0]["init"] if stages else init  # where the weights came from in the first place
     architecture = config["architecture"]
     base_model = None
-    if first_init == "imagenet":
+    if init == "imagenet":
         base_model = timm.models.get_pretrained_cfg(architecture).hf_hub_id or None
 
     eval_results = []
@@ -109,9 +110,6 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
     keeps_best = training.get("load_best_model_at_end", True)
     validation_use = [*(["early stopping"] if model_args.get("early_stopping_patience") else []),
                       *(["checkpoint choice"] if keeps_best else []), "calibration and the out-of-distribution threshold"]
-    teachers = model_args.get("teachers") or []
-    distillation = (f"from {', '.join(teachers)} (their mean probabilities): soft-target weight "
-                    f"{model_args.get('distill_alpha')}, temperature {model_args.get('distill_temperature')}") if teachers else "none"
     hyperparameters = [
         ("architecture", architecture), ("initial weights", init), ("image size", pretrained["input_size"][-1]),
         ("epochs (max)", training.get("num_train_epochs")), ("batch size", training.get("per_device_train_batch_size")),
@@ -123,7 +121,6 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         ("dropout", config.get("model_args", {}).get("drop_rate")), ("bf16 autocast", training.get("bf16")),
         ("early stopping patience", model_args.get("early_stopping_patience")),
         ("weights kept", "best validation macro-F1" if keeps_best else "the last epoch's"),
-        ("knowledge distillation", distillation),
         ("augmentation", ", ".join(f"{k} {v}" for k, v in args.get("AugmentConfig", {}).items())),
         ("seed", training.get("seed")),
         ("validation split seed", "the seed" if split_seed is None else split_seed),
@@ -144,16 +141,18 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         {"name": s, **{k: f"{v:.4f}" for k, v in splits[s]["calibration"].items()}} for s in splits
     ]
     wall = train.get("train_wall_seconds") or train.get("train_runtime")
-    stage_walls = [stage.get("train_wall_seconds") for stage in stages] + [wall]
-    if stages and all(stage_walls):
-        wall_time = f"{sum(stage_walls) / 60:.0f} min ({' + '.join(f'{w / 60:.0f}' for w in stage_walls)} in {len(stage_walls)} stages)"
-    else:
-        wall_time = f"{wall / 60:.0f} min" if wall else "not recorded"
+    wall_time = f"{wall / 60:.0f} min" if wall else "not recorded"
     origin = {"scratch": "trained from scratch", "imagenet": "fine-tuned from ImageNet weights"}.get(
-        first_init, f"initialised from {first_init}")
-    if stages:
-        origin += f" in {len(stages) + 1} stages, each continuing from the previous one's checkpoint"
+        init, f"initialised from {init}")
+    external = _read_json(model_dir / EXTERNAL_FILE)
     variables = {
+        "external": external and {
+            "slices": external["overall"]["slices"], "sources": ", ".join(external["sources"]),
+            "notumor": _pct(external["overall"]["called_notumor"]),
+            "middle_axial": _pct(external["middle_axial_notumor"]), "middle_axial_n": external["middle_axial_slices"],
+            "unflagged": external["confident_tumour_unflagged"], "flagged": _pct(external["overall"]["flagged"]),
+            "backend": external.get("backend", "?"),
+        },
         "model_name": repo_id.split("/")[-1], "repo_id": repo_id, "architecture": architecture,
         "init_description": origin,
         "class_names": results["class_names"], "image_size": pretrained["input_size"][-1],
@@ -168,15 +167,13 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
         "clean_count": audit["clean_test"], "hyperparameters": hyperparameters,
         "hardware": args.get("hardware", "not recorded"),
         "wall_time": wall_time,
-        "stages": stages,
         "throughput": f"{train['train_samples_per_second']:.1f}" if "train_samples_per_second" in train else "?",
         "epochs_run": round(state.get("epoch", 0), 1), "steps": state.get("global_step"),
         "best_metric": state.get("best_metric") or 0.0, "best_step": best_step, "keeps_best": keeps_best,
         "eval_rows": eval_rows, "per_class_split": {"clean_test": "leak-free test", "test": "official test"}[per_class_split],
         "per_class_rows": per_class_rows, "calibration_rows": calibration_rows,
-        "command": "\n".join([*(stage["command"] for stage in stages if stage.get("command")), _reproduce_command(args)]),
+        "command": _reproduce_command(args),
         "onnx_rows": _onnx_rows(model_dir),
-        **_reduced_read_rows(model_dir),
     }
     return card_data, variables
 
@@ -192,28 +189,8 @@ def _onnx_rows(model_dir: Path) -> list[dict[str, str]]:
     ]
 
 
-def _reduced_read_rows(model_dir: Path) -> dict[str, Any]:
-    """The check of reading JPEGs at reduced scale, for each backend whose file is in ``model_dir`` (for the card)."""
-    report = _read_json(model_dir / ONNX_DIR / PARITY_FILE).get(REDUCED_DECODE, {})
-    files = {"torch": "model.safetensors", **{name: f"{ONNX_DIR}/{file}" for name, file in ONNX_FILES.items()}}
-    rows = [
-        {"file": file, "agreement": _pct(report[name]["top1_agreement"]),
-         "max_diff": f"{report[name]['max_probability_difference']:.4f}", "accuracy": _pct(report[name]["accuracy"]),
-         "passed": _reduced_verdict(model_dir, name, report[name])}
-        for name, file in files.items() if name in report and (model_dir / file).is_file()
-    ]
-    return {"reduced_rows": rows, "reduce_to": report.get("reduce_to"), "reduced_n": report.get("num_images")}
-
-
-def _reduced_verdict(model_dir: Path, backend: str, entry: dict[str, Any]) -> str:
-    if reduced_decode_passed(model_dir, backend):
-        return "yes"
-    # e.g. checked on a run's fp32 weights, then packaged in fp16: the verdict is not carried over
-    return "no: measured on other weights" if entry.get("passed") else "no"
-
-
 def render_model_card(model_dir: str | os.PathLike, repo_id: str, template: Path = CARD_TEMPLATE) -> ModelCard:
-    """Render ``model_card.md`` for a model folder and write it there as README.md."""
+    """Render the card template (``CARD_TEMPLATE``) for a model folder and write it there as README.md."""
     card_data, variables = card_inputs(model_dir, repo_id)
     card = ModelCard.from_template(card_data, template_path=str(template), **variables)
     (Path(model_dir) / "README.md").write_text(str(card))

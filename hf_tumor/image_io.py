@@ -14,12 +14,14 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from hf_tumor.errors import UserError
+
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 50_000_000  # a 7,000 x 7,000 image; anything larger is refused before decoding
 MIN_SIDE = 32
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An upload that cannot be classified; the message is shown to the user as is."""
 
 
@@ -57,13 +59,8 @@ def _to_8bit(pixels: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(scaled.round().astype(np.uint8)[..., :3] if mode == "RGB" else scaled.round().astype(np.uint8), mode)
 
 
-def read_image(path: str | os.PathLike, reduce_to: int | None = None) -> PIL.Image.Image:
+def read_image(path: str | os.PathLike) -> PIL.Image.Image:
     """Open an uploaded file as an upright RGB or grayscale image, or raise InputError saying why not.
-
-    ``reduce_to``: a JPEG is decoded by libjpeg at the smallest scale of 1/2, 1/4 or 1/8 whose sides
-    stay at least this many pixels (Pillow's draft mode): a 512 px slice read for a 128 px model
-    (``reduce_to=256``) decodes at 256 px, in about half the time, in pixels that differ a little from
-    a full decode once resized. Prediction uses it only where ``hf-tumor export`` checked it (``inference``).
 
     A grayscale file stays grayscale ('L'): the model's transform repeats its one channel after the
     resize, which gives the same input as converting it first in half the time (``EvalTransform.to_array``).
@@ -97,8 +94,6 @@ def read_image(path: str | os.PathLike, reduce_to: int | None = None) -> PIL.Ima
             raise InputError(
                 f"The image is {image.width:,} x {image.height:,} pixels; the limit is {MAX_PIXELS:,} pixels."
             )
-        if reduce_to and image.format == "JPEG":
-            image.draft(image.mode, (reduce_to, reduce_to))  # before load(): it picks the DCT scale
         try:
             image.seek(0)  # animated images: the first frame
             image.load()

@@ -1,9 +1,11 @@
-"""Prediction on images with the fastest backend whose parity check passed: ONNX Runtime int8, ONNX
-Runtime fp32, or PyTorch. Every backend uses the preprocessing stored in the model's config.
+"""The serving layer: a model folder (or Hub id) in, probabilities and domain flags out.
 
-``hf-tumor predict`` and the Space both go through ``load_predictor``; the choice is reported at start-up.
-So is the way JPEGs are read: in full, or at a reduced DCT scale where ``hf-tumor export`` checked that
-this changes no more answers than int8 may (reading and preprocessing a 512 px slice: 0.9 -> 0.5 ms).
+Everything that turns an image into an answer lives here and is shared: ``hf-tumor predict``, the
+Space, ``hf-tumor export``'s parity check and evaluation all get their logits through the forwards
+below. Reading a file (``image_io``), the preprocessing stored in the model's config
+(``preprocessing``), the backend whose ONNX parity check passed, and the domain check (``domain``).
+
+Serving imports no training stack: no datasets, accelerate, evaluate, scikit-learn or matplotlib.
 """
 
 from __future__ import annotations
@@ -12,32 +14,47 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
-from transformers import AutoConfig
 
-from hf_tumor.calibration import softmax
-from hf_tumor.export import (
-    ONNX_DIR, ONNX_FILES, PARITY_FILE, REDUCED_DECODE, onnx_session, passed_backends, reduced_decode_passed,
-)
-from hf_tumor.model import class_names_of, load_model
+from hf_tumor.errors import UserError
+from hf_tumor.domain import DomainCheck
 from hf_tumor.image_io import InputError, read_image
-from hf_tumor.preprocessing import create_eval_transform, reduced_read_size
+from hf_tumor.preprocessing import create_eval_transform
 
 logger = logging.getLogger("hf_tumor")
 
+ONNX_DIR = "onnx"
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_quantized.onnx"}
+PARITY_FILE = "parity.json"  # written by `hf-tumor export`: which ONNX files may be used
 BACKENDS = ("auto", "onnx-int8", "onnx", "torch")
-FASTEST_FIRST = ("onnx-int8", "onnx")  # measured in benchmarks/inference.json; torch is the fallback of 'auto' only
-DECODES = ("auto", "full", "reduced")
+FASTEST_FIRST = ("onnx-int8", "onnx")  # docs/benchmarks.md; torch is the fallback of 'auto' only
+MODEL_ENV = "HF_TUMOR_MODEL"
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "resnetv2_50-scratch-128"
 
 
-class BackendError(RuntimeError):
+Forward = Callable[[np.ndarray], np.ndarray]  # normalized NCHW float32 batch -> logits
+
+
+class BackendError(UserError, RuntimeError):
     """The requested backend cannot be used for this model; the message says how to make it usable."""
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64."""
+    z = np.asarray(logits, np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def default_model() -> str:
+    """``$HF_TUMOR_MODEL`` (Hub id or folder), else the model bundled in this repository."""
+    return os.environ.get(MODEL_ENV) or str(BUNDLED_MODEL)
 
 
 def resolve_model_dir(model: str | os.PathLike, revision: str | None = None) -> Path:
@@ -55,11 +72,66 @@ def resolve_model_dir(model: str | os.PathLike, revision: str | None = None) -> 
         ) from None
 
 
-def choose_backend(model_dir: Path, requested: str = "auto") -> str:
+# --------------------------------------------------------------------------- forwards
+
+
+def torch_forward(model: torch.nn.Module) -> Forward:
+    """The PyTorch model's logits in fp32, on whatever device it sits."""
+    model.eval()
+    device = next(model.parameters()).device
+
+    def forward(pixel_values: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(pixel_values=torch.as_tensor(pixel_values).to(device)).logits.float().cpu().numpy()
+
+    return forward
+
+
+def onnx_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session with full graph optimization."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # no busy-waiting between runs: spinning ORT threads starve the decode and preprocessing that
+    # follow each request on a small CPU
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_forward(session: Any) -> Forward:
+    """An ONNX Runtime session's logits."""
+    return lambda pixel_values: session.run(["logits"], {"pixel_values": np.asarray(pixel_values)})[0]
+
+
+# --------------------------------------------------------------------------- the parity record
+
+
+def read_parity(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """``onnx/parity.json`` of a model folder, or {} where none was written."""
+    path = Path(model_dir) / ONNX_DIR / PARITY_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def passed_backends(model_dir: str | os.PathLike, parity: dict[str, Any] | None = None) -> list[str]:
+    """The ONNX backends whose file exists and whose parity check passed on that very file."""
+    parity = read_parity(model_dir) if parity is None else parity
+    passed = []
+    for name, file in ONNX_FILES.items():
+        path, entry = Path(model_dir) / ONNX_DIR / file, parity.get(name, {})
+        # the size ties the verdict to the file it was measured on: a re-export without a check is not used
+        if entry.get("passed") and path.is_file() and path.stat().st_size == entry.get("bytes"):
+            passed.append(name)
+    return passed
+
+
+def choose_backend(model_dir: Path, requested: str = "auto", parity: dict[str, Any] | None = None) -> str:
     """``requested`` if it may be used here, the fastest passed backend for 'auto'; never a silent substitute."""
     if requested not in BACKENDS:
         raise BackendError(f"Unknown backend '{requested}'; choose one of {', '.join(BACKENDS)}.")
-    passed = passed_backends(model_dir)
+    passed = passed_backends(model_dir, parity)
     has_runtime = importlib.util.find_spec("onnxruntime") is not None
     if requested == "auto":
         if passed and not has_runtime:
@@ -78,116 +150,103 @@ def choose_backend(model_dir: Path, requested: str = "auto") -> str:
     return requested
 
 
-def choose_decode(model_dir: Path, backend: str, requested: str = "auto") -> bool:
-    """Whether to read JPEGs at reduced scale with ``backend``: 'auto' where its check passed, never silently."""
-    if requested not in DECODES:
-        raise BackendError(f"Unknown decode '{requested}'; choose one of {', '.join(DECODES)}.")
-    passed = requested != "full" and reduced_decode_passed(model_dir, backend)
-    if requested == "reduced" and not passed:
-        raise BackendError(
-            f"Reading JPEGs at reduced scale has not passed its check for {model_dir} with backend {backend} "
-            f"({ONNX_DIR}/{PARITY_FILE}, '{REDUCED_DECODE}'). Check it with `hf-tumor export --model {model_dir} "
-            f"--quantize int8`, or use --decode full."
-        )
-    return passed
+# --------------------------------------------------------------------------- prediction
+
+
+@dataclass
+class Prediction:
+    """One image's answer: the label and every class probability, the domain flags (empty when nothing is
+    wrong), or the reason the file could not be read."""
+
+    path: str | None = None
+    label: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def trusted(self) -> bool:
+        """A label worth showing: the file was read and nothing flagged it."""
+        return self.error is None and not self.flags
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
 class Predictor:
-    """A classifier loaded once: the backend's forward pass behind the config's preprocessing."""
+    """A classifier loaded once: the backend's forward behind the config's preprocessing."""
 
     source: str  # what the user named: a folder or a Hub repo id
     model_dir: Path  # where its files are (the Hub cache for a repo id)
     backend: str
     config: Any
-    _forward: Any = field(repr=False)
-    reduced_decode: bool = False  # JPEGs decoded at reduced scale (checked by `hf-tumor export`)
+    forward: Forward = field(repr=False)
+    parity: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.class_names = class_names_of(self.config)
+        self.class_names = [self.config.id2label[i] for i in range(self.config.num_labels)]
         self.transform = create_eval_transform(self.config.pretrained_cfg)
-
-    def read(self, path: str | os.PathLike) -> PIL.Image.Image:
-        """``read_image`` as this predictor reads files: at reduced scale where that was checked."""
-        return read_image(path, reduced_read_size(self.config.pretrained_cfg) if self.reduced_decode else None)
+        self.domain = DomainCheck.of(self.config)
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
         """RGB or grayscale images to the normalized NCHW float32 batch the model takes (timm's transform, in NumPy)."""
         return np.stack([self.transform.to_array(image) for image in images])
 
-    def logits(self, pixel_values: np.ndarray) -> np.ndarray:
-        """The model's logits for a normalized NCHW float32 batch."""
-        return self._forward(pixel_values)
-
     def probabilities(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
         """Softmax probabilities, one row per image, columns in ``class_names`` order."""
-        return softmax(self.logits(self.preprocess(images)))
+        return softmax(self.forward(self.preprocess(images)))
+
+    def predict(self, images: Sequence[PIL.Image.Image], pixel_values: np.ndarray | None = None) -> list[Prediction]:
+        """Label, probabilities and domain flags for each image (``pixel_values``: their ``preprocess``, if
+        the caller needs it too)."""
+        if not images:
+            return []
+        x = self.preprocess(images) if pixel_values is None else pixel_values
+        logits = self.forward(x)
+        pixels = (x * self.transform.std + self.transform.mean) * 255  # what the model sees, in 0-255
+        return [
+            Prediction(label=self.class_names[int(probs.argmax())],
+                       probabilities=dict(zip(self.class_names, map(float, probs))), flags=flags)
+            for probs, flags in zip(softmax(logits), self.domain.flags(pixels, logits))
+        ]
+
+    def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 8) -> list[Prediction]:
+        """Predict every readable file; unreadable ones get an error and do not stop the others."""
+        results = [Prediction(path=str(path)) for path in paths]
+        readable: list[tuple[Prediction, PIL.Image.Image]] = []
+        for result in results:
+            try:
+                readable.append((result, read_image(result.path)))
+            except InputError as err:  # hostile or broken file: say why, and go on with the others
+                result.error = str(err)
+        for start in range(0, len(readable), batch_size):
+            chunk = readable[start : start + batch_size]
+            for (result, _), answer in zip(chunk, self.predict([image for _, image in chunk])):
+                result.label, result.probabilities, result.flags = answer.label, answer.probabilities, answer.flags
+        return results
 
     def describe(self) -> str:
         """One line for start-up logs: model, backend and its parity figure."""
         line = f"model {self.source}, backend {self.backend}"
-        parity_file = self.model_dir / ONNX_DIR / PARITY_FILE
-        report = json.loads(parity_file.read_text()) if parity_file.is_file() else {}
-        if self.backend != "torch" and report:
-            line += (f" (top-1 agreement with PyTorch {report[self.backend]['top1_agreement']:.2%} on "
-                     f"{report['num_images']} test images)")
-        if self.reduced_decode:
-            entry = report[REDUCED_DECODE]
-            line += (f", JPEGs read at reduced scale (with it, top-1 agreement with PyTorch on full reads "
-                     f"{entry[self.backend]['top1_agreement']:.2%} on {entry['num_images']} test images)")
-        else:
-            line += ", JPEGs read in full"
+        if self.backend != "torch":
+            entry = self.parity[self.backend]
+            line += (f" (top-1 agreement with PyTorch {entry['top1_agreement']:.2%} on "
+                     f"{self.parity['num_images']} test images)")
         return line
 
 
-def load_predictor(model: str | os.PathLike, backend: str = "auto", revision: str | None = None,
-                   decode: str = "auto") -> Predictor:
-    """Load ``model`` (folder or Hub id) with ``backend`` ('auto': the fastest whose parity passed) and
-    ``decode`` ('auto': JPEGs at reduced scale where that passed its check with this backend)."""
+def load_predictor(model: str | os.PathLike, backend: str = "auto", revision: str | None = None) -> Predictor:
+    """Load ``model`` (folder or Hub id) with ``backend`` ('auto': the fastest whose parity check passed)."""
+    from transformers import AutoConfig
+
     model_dir = resolve_model_dir(model, revision)
-    chosen = choose_backend(model_dir, backend)
-    reduced = choose_decode(model_dir, chosen, decode)
+    parity = read_parity(model_dir)
+    chosen = choose_backend(model_dir, backend, parity)
     if chosen == "torch":
+        from hf_tumor.model import load_model
+
         torch_model = load_model(model_dir)
-
-        def forward(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return torch_model(pixel_values=torch.from_numpy(x)).logits.float().numpy()
-
-        config = torch_model.config
-    else:
-        session = onnx_session(model_dir / ONNX_DIR / ONNX_FILES[chosen])
-
-        def forward(x: np.ndarray) -> np.ndarray:
-            return session.run(["logits"], {"pixel_values": x})[0]
-
-        config = AutoConfig.from_pretrained(model_dir)
-    return Predictor(str(model), model_dir, chosen, config, forward, reduced)
-
-
-@dataclass
-class Prediction:
-    """One file's result: the label and every class probability, or the reason it could not be read."""
-
-    path: str
-    label: str | None = None
-    probabilities: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-
-
-def predict_files(predictor: Predictor, paths: list[str | os.PathLike], batch_size: int = 8) -> list[Prediction]:
-    """Predict every readable file; unreadable ones get an error and do not stop the others."""
-    results = [Prediction(path=str(path)) for path in paths]
-    readable: list[tuple[Prediction, PIL.Image.Image]] = []
-    for prediction in results:
-        try:
-            readable.append((prediction, predictor.read(prediction.path)))
-        except InputError as err:  # hostile or broken file: say why, and go on with the others
-            prediction.error = str(err)
-    for start in range(0, len(readable), batch_size):
-        chunk = readable[start : start + batch_size]
-        probs = predictor.probabilities([image for _, image in chunk])
-        for (prediction, _), row in zip(chunk, probs):
-            prediction.probabilities = dict(zip(predictor.class_names, map(float, row)))
-            prediction.label = predictor.class_names[int(row.argmax())]
-    return results
+        return Predictor(str(model), model_dir, chosen, torch_model.config, torch_forward(torch_model), parity)
+    session = onnx_session(model_dir / ONNX_DIR / ONNX_FILES[chosen])
+    return Predictor(str(model), model_dir, chosen, AutoConfig.from_pretrained(model_dir), onnx_forward(session), parity)

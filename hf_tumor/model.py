@@ -18,16 +18,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
+from hf_tumor.errors import UserError
 from hf_tumor.preprocessing import make_pretrained_cfg
 
 logger = logging.getLogger("hf_tumor")
 
-MODEL_ENV = "HF_TUMOR_MODEL"
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "resnetv2_50-scratch-128"
 INIT_CHOICES = "'imagenet' (timm's pretrained weights from the Hub), 'scratch', or a path to a local checkpoint"
 
 
-class ModelInitError(RuntimeError):
+class ModelInitError(UserError, RuntimeError):
     """The requested initial weights cannot be had; the message names the alternatives."""
 
 
@@ -124,11 +123,6 @@ def _load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], sour
         )
     if reshaped:
         logger.info("--init %s: kept fresh weights for %s (shape differs, e.g. the classifier head)", source, reshaped)
-
-
-def default_model() -> str:
-    """``$HF_TUMOR_MODEL`` (Hub id or folder), else the model bundled in this repository."""
-    return os.environ.get(MODEL_ENV) or str(BUNDLED_MODEL)
 
 
 def load_model(model: str | os.PathLike, revision: str | None = None) -> TimmWrapperForImageClassification:

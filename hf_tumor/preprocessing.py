@@ -47,16 +47,6 @@ def image_size_of(pretrained_cfg: dict[str, Any]) -> int:
     return int(pretrained_cfg["input_size"][-1])
 
 
-def reduced_read_size(pretrained_cfg: dict[str, Any]) -> int:
-    """The smallest size a JPEG may be decoded at for this preprocessing (``read_image(..., reduce_to=)``).
-
-    Twice the input size, so that the config's own resize still does the last halving at least: a
-    DCT-domain downscale straight to the input size is a plain box filter, and it changed 10 of run
-    16's 1,311 test answers in PyTorch (and cost it 9 correct ones) where stopping at twice the size changed one.
-    """
-    return 2 * image_size_of(pretrained_cfg)
-
-
 def load_image(source: str | Path | bytes | PIL.Image.Image) -> PIL.Image.Image:
     """Open an image the way ``pipeline()`` does: EXIF orientation applied, converted to RGB."""
     if isinstance(source, bytes):
@@ -130,7 +120,7 @@ class AugmentConfig:
     rotation: float = field(default=12.0, metadata={"help": "Maximum rotation in degrees."})
     translate: float = field(default=0.08, metadata={"help": "Maximum shift as a fraction of the size."})
     scale: float = field(default=0.10, metadata={"help": "Maximum zoom in or out as a fraction."})
-    crop_scale: float = field(default=0.85, metadata={"help": "Smallest area kept by the random resized crop (1: no crop)."})
+    crop_scale: float = field(default=1.0, metadata={"help": "Smallest area kept by the random resized crop (1: no crop, the recipe's)."})
     brightness: float = field(default=0.2, metadata={"help": "Brightness jitter factor (0: none)."})
     contrast: float = field(default=0.2, metadata={"help": "Contrast jitter factor (0: none)."})
 

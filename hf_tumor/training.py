@@ -1,8 +1,10 @@
 """Training with the transformers ``Trainer``: ``hf-tumor train`` and ``accelerate launch scripts/train.py``.
 
 Arguments are dataclasses read by ``HfArgumentParser`` (plus ``TrainingArguments``); a JSON or YAML
-file may give them too, with command-line flags overriding it. ``main()`` reads top to bottom:
-parse, load data, build the model, train, save the model folder, evaluate on test once.
+file may give them too, with command-line flags overriding it. The defaults are the recipe of the
+bundled model (``models/resnetv2_50-scratch-128``): a bare ``hf-tumor train --init scratch`` trains it
+again. ``main()`` reads top to bottom: parse, load data, build the model, train, save the model
+folder, evaluate on test once.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import platform
 import shlex
 import sys
 import time
@@ -30,14 +30,12 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_tumor.audit import run_audit, train_groups
-from hf_tumor.data import (
-    TEACHER_COLUMN, attach_transforms, class_names, collate, iterate_batches, load_splits, resolve_data_dir,
-)
-from hf_tumor.distillation import TeacherError, add_teacher_targets, check_teachers, distillation_loss
-from hf_tumor.evaluation import ARGS_FILE, classification_metrics, evaluate_model, run_folder
+from hf_tumor.data import attach_transforms, class_names, collate, iterate_batches, load_splits, resolve_data_dir
+from hf_tumor.evaluation import ARGS_FILE, classification_metrics, evaluate_model
 from hf_tumor.model import INIT_CHOICES, create_model, save_model_atomically
 from hf_tumor.plots import plot_training_curves
 from hf_tumor.preprocessing import AugmentConfig, make_pretrained_cfg
+from hf_tumor.runtime import accelerator_available, bf16_available, hardware_description, setup_logging
 
 logger = logging.getLogger("hf_tumor")
 
@@ -48,8 +46,13 @@ class DataArguments:
         default=None,
         metadata={"help": "Folder with Training/ and Testing/ class folders. Default: $HF_TUMOR_DATA, else a Kaggle download."},
     )
-    image_size: int = field(default=256, metadata={"help": "Square input size in pixels (stored in the model config)."})
-    validation_fraction: float = field(default=0.15, metadata={"help": "Stratified share of Training held out for validation (near-duplicate groups kept together)."})
+    image_size: int = field(default=128, metadata={"help": "Square input size in pixels (stored in the model config)."})
+    validation_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Stratified share of Training held out for validation (near-duplicate groups kept together). "
+                          "It chooses nothing in the default recipe (the last epoch is kept); it fits the calibration "
+                          "temperature and the out-of-distribution threshold."},
+    )
     split_seed: int | None = field(
         default=None,
         metadata={"help": "Seed that draws the validation split (default: --seed). Fix it to compare training "
@@ -67,10 +70,14 @@ class DataArguments:
 @dataclass
 class ModelArguments:
     model_name: str = field(default="resnetv2_50", metadata={"help": "Any timm architecture name."})
-    init: str = field(default="imagenet", metadata={"help": f"Initial weights: {INIT_CHOICES}."})
+    init: str = field(
+        default="imagenet",
+        metadata={"help": f"Initial weights: {INIT_CHOICES}. Without the Hub, 'imagenet' stops and names the other "
+                          "two (no silent fallback). The bundled model was trained with 'scratch'."},
+    )
     drop_rate: float = field(default=0.2, metadata={"help": "Dropout before the classifier."})
     channels_last: bool = field(
-        default=True, metadata={"help": "Train in channels-last memory format (1.2x faster on this CPU, faster on GPUs)."}
+        default=True, metadata={"help": "Train in channels-last memory format (1.2x faster on an AVX2 CPU, faster on GPUs)."}
     )
     precise_bn_images: int = field(
         default=512,
@@ -78,65 +85,20 @@ class ModelArguments:
                           "evaluation and at the end (0: off). Running averages lag badly early in from-scratch training."},
     )
     decay_norm_and_bias: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Apply weight decay to biases and norm weights too, as a bare "
-                          "torch.optim.AdamW(model.parameters()) does (the Trainer exempts them)."},
+                          "torch.optim.AdamW(model.parameters()) does (false: the Trainer's default, which exempts them)."},
     )
     early_stopping_patience: int = field(
-        default=5, metadata={"help": "Stop after this many evaluations without a better validation macro-F1 (0: never)."}
+        default=0,
+        metadata={"help": "Stop after this many evaluations without a better validation macro-F1 (0: never). Use it "
+                          "with --load_best_model_at_end true."},
     )
-    teachers: list[str] | None = field(
-        default=None,
-        metadata={"help": "Model folders trained on this run's training split: distil their ensemble into this "
-                          "model (soft targets on the unaugmented training images, computed once at the start)."},
-    )
-    distill_alpha: float = field(
-        default=0.5, metadata={"help": "Weight of the teachers' soft-target loss; the label loss gets 1 - alpha."}
-    )
-    distill_temperature: float = field(
-        default=2.0, metadata={"help": "Softmax temperature of the soft targets and of the student in their loss."}
-    )
-
-
-def accelerator_available() -> bool:
-    return torch.cuda.is_available() or torch.backends.mps.is_available()
-
-
-def bf16_available() -> bool:
-    """Whether bf16 autocast is worth using: CUDA GPUs with bf16, CPUs with native bf16 (AVX512-BF16, AMX).
-
-    On an AVX2-only CPU bf16 is emulated: measured 17x *slower* than fp32 for ResNetV2-50 training
-    (0.6 vs 10.7 img/s at 128 px), so it stays off there.
-    """
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    if torch.backends.mps.is_available():
-        return False
-    return bool({"avx512_bf16", "amx_tile"} & set(cpu_features()))
-
-
-# The instruction sets that decide CPU speed here: one VM name has come with AVX2 only and with
-# AVX512-BF16/VNNI, 3x apart for bf16 training and int8 inference.
-CPU_FEATURES = ("avx2", "avx512", "vnni", "avx512_bf16", "amx_tile", "amx_fp16")
-
-
-def cpu_features() -> list[str]:
-    """Which of ``CPU_FEATURES`` this CPU has, as PyTorch detects them."""
-    return [name for name in CPU_FEATURES if getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()]
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # Defaults of ours for TrainingArguments fields; any of them can still be set on the command line.
+# With the dataclass defaults above they are the bundled model's recipe (docs/experiments.md, run 24):
+# one 24-epoch cosine cycle from scratch at 128 px, no gradient clipping, the last epoch kept.
 TRAINING_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/resnetv2_50",
     "num_train_epochs": 24,
@@ -150,7 +112,10 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "eval_strategy": "epoch",
     "save_strategy": "epoch",
     "save_total_limit": 2,
-    "load_best_model_at_end": True,
+    "max_grad_norm": 0.0,  # no clipping: clipping at 1.0 was measured worse (run 13)
+    # the last epoch's weights, where one cosine cycle ends at zero; choosing the best validation
+    # checkpoint cost test images on four of five seeds (run 20)
+    "load_best_model_at_end": False,
     "metric_for_best_model": "f1_macro",
     "greater_is_better": True,
     "logging_steps": 20,
@@ -213,26 +178,23 @@ def recompute_batchnorm_stats(model: torch.nn.Module, batches: Iterable[torch.Te
     return seen
 
 
-class PreciseBNTrainer(Trainer):
-    """A Trainer that recomputes BatchNorm statistics before every evaluation (so before every checkpoint),
-    optionally decays every parameter (``decay_everything``) instead of exempting biases and norms, and
-    distils from teachers' soft targets where the training batches carry them (``--teachers``)."""
+class RecipeTrainer(Trainer):
+    """The ``Trainer`` with the two changes this recipe makes to it:
 
-    def __init__(self, *args, bn_view: Dataset | None = None, decay_everything: bool = False,
-                 distill_alpha: float = 0.0, distill_temperature: float = 1.0, **kwargs):
+    - **precise BN**: before every evaluation (so before every checkpoint, and before the final
+      validation), BatchNorm statistics are recomputed on ``bn_view``, unaugmented training images
+      (``--precise_bn_images``; see ``recompute_batchnorm_stats``);
+    - **weight decay on every parameter** with ``decay_everything`` (``--decay_norm_and_bias``), as a
+      bare ``torch.optim.AdamW(model.parameters())`` does, instead of the Trainer's exemption of biases
+      and norm weights.
+
+    Everything else (loss, label smoothing, optimizer, schedule, checkpoints) is the Trainer's own.
+    """
+
+    def __init__(self, *args, bn_view: Dataset | None = None, decay_everything: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.bn_view = bn_view
         self.decay_everything = decay_everything
-        self.distill_alpha, self.distill_temperature = distill_alpha, distill_temperature
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The Trainer's (label-smoothed) loss, mixed with the soft-target loss where a batch has teachers' targets."""
-        teacher_probs = inputs.pop(TEACHER_COLUMN, None)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if teacher_probs is not None:
-            soft = distillation_loss(outputs.logits, teacher_probs, self.distill_temperature)
-            loss = (1 - self.distill_alpha) * loss + self.distill_alpha * soft
-        return (loss, outputs) if return_outputs else loss
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         if self.decay_everything:
@@ -256,37 +218,12 @@ def compute_metrics_for(class_names: list[str]):
     return compute
 
 
-def earlier_stages(init: str) -> list[dict[str, Any]]:
-    """The runs that a local ``--init`` checkpoint came from, oldest first.
-
-    A model trained in stages (each restarting from the previous one's checkpoint) is described and
-    reproduced by all of them, so each run records its predecessors in ``train_args.json``.
-    """
-    path = Path(init)
-    if init in ("scratch", "imagenet") or not path.exists():
-        return []
-    run_dir = run_folder(path)
-    if run_dir is None:  # a checkpoint from elsewhere: nothing recorded about how it was made
-        return []
-    args = json.loads((run_dir / ARGS_FILE).read_text())
-    results_file = run_dir / "train_results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    stage = {
-        "command": args.get("command"), "init": args.get("ModelArguments", {}).get("init"),
-        "continued_from": str(path), "epochs": results.get("epoch"),
-        "train_wall_seconds": results.get("train_wall_seconds"), "hardware": args.get("hardware"),
-    }
-    return [*args.get("earlier_stages", []), stage]
-
-
 def save_resolved_args(output_dir: Path, argv: Sequence[str], *groups: Any, program: str = "hf-tumor train") -> None:
-    """The arguments this run actually used (and the runs it continued), for the model card and for reproducing it."""
+    """The arguments this run actually used, with the versions and hardware, for the model card and for reproducing it."""
     resolved: dict[str, Any] = {"command": f"{program} " + " ".join(shlex.quote(a) for a in argv)}
     for group in groups:
         values = group.to_dict() if isinstance(group, TrainingArguments) else dataclasses.asdict(group)
         resolved[type(group).__name__] = values
-        if isinstance(group, ModelArguments):
-            resolved["earlier_stages"] = earlier_stages(group.init)
     resolved["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__, "timm": timm.__version__}
     resolved["hardware"] = hardware_description()
     (output_dir / ARGS_FILE).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
@@ -328,8 +265,8 @@ def check_resume_precision(checkpoint: str, bf16: bool, explicit: bool) -> None:
     """Refuse to resume ``checkpoint`` in another precision than it was trained in, unless asked to.
 
     ``--bf16`` defaults to what the machine does natively (``bf16_available``), so a run resumed on
-    another machine (one VM here has come with and without AVX512-BF16) would otherwise switch
-    precision in the middle of its schedule without a word.
+    another machine (say an AVX2-only CPU after one with AVX512-BF16) would otherwise switch precision
+    in the middle of its schedule without a word.
     """
     saved = Path(checkpoint) / TRAINING_ARGS_NAME
     if explicit or not saved.is_file():
@@ -343,21 +280,6 @@ def check_resume_precision(checkpoint: str, bf16: bool, explicit: bool) -> None:
             f"{' (emulated bf16 on a CPU without native bf16 is about 17x slower)' if started else ''}, or "
             f"--bf16 {bf16} to go on in {precision_name(bf16)} (train_args.json then records it)."
         )
-
-
-def hardware_description() -> str:
-    """What this run trains on, in words, for the model card."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"CPU: {os.cpu_count()} cores, {cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
-
-
-def setup_logging(training_args: TrainingArguments | None = None) -> None:
-    level = logging.INFO if training_args is None or training_args.should_log else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
-    logger.setLevel(level)
-    # transformers' INFO prints whole configs at every save; progress bars and metric logs stay on
-    transformers.utils.logging.set_verbosity_warning()
 
 
 @dataclass
@@ -392,19 +314,6 @@ def prepare_data(data_args: DataArguments, model_args: ModelArguments, training_
     names = class_names(splits["train"])
     logger.info("classes %s; train %d, validation %d, test %d images",
                 names, len(splits["train"]), len(splits["validation"]), len(splits["test"]))
-    if model_args.teachers:
-        split = {"validation_fraction": data_args.validation_fraction, "split_seed": split_seed_of(data_args, training_args),
-                 "limit_per_class": data_args.limit_per_class}
-        try:
-            if not (0 <= model_args.distill_alpha <= 1 and model_args.distill_temperature > 0):
-                raise TeacherError(f"--distill_alpha must lie in [0, 1] and --distill_temperature be positive, got "
-                                   f"{model_args.distill_alpha} and {model_args.distill_temperature}")
-            check_teachers(model_args.teachers, split, data_args.image_size, names)
-        except TeacherError as err:
-            raise SystemExit(f"error: {err}") from None
-        splits["train"] = add_teacher_targets(splits["train"], model_args.teachers, pretrained_cfg,
-                                              model_args.distill_temperature, bf16=training_args.bf16,
-                                              device=training_args.device)
     return PreparedData(data_dir, pretrained_cfg, audit, splits, names)
 
 
@@ -412,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Train a model folder from the command line; returns its path."""
     argv = list(sys.argv[1:] if argv is None else argv)
     data_args, model_args, augment, training_args = parse_args(argv)
-    setup_logging(training_args)
+    setup_logging(training_args.should_log)
     transformers.set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     logger.info("training on %s in %s", hardware_description(), precision_name(training_args.bf16))
@@ -437,11 +346,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if model_args.precise_bn_images > 0:
         subset = splits["train"].shuffle(seed=training_args.seed)
         bn_view = attach_transforms(subset.select(range(min(model_args.precise_bn_images, len(subset)))), pretrained_cfg)
-    trainer = PreciseBNTrainer(
+    trainer = RecipeTrainer(
         bn_view=bn_view,
         decay_everything=model_args.decay_norm_and_bias,
-        distill_alpha=model_args.distill_alpha,
-        distill_temperature=model_args.distill_temperature,
         model=model,
         args=training_args,
         train_dataset=attach_transforms(splits["train"], pretrained_cfg, augment),
@@ -455,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     train_result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - start
 
-    # the (best) final model on validation; "eval_" keys so that callbacks recognise them
+    # the final model (the last epoch's, or the best with --load_best_model_at_end true) on validation; "eval_" keys so that callbacks recognise them
     validation_metrics = {k.replace("eval_", "validation_", 1): v for k, v in trainer.evaluate().items()}
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,31 +1,35 @@
-"""Measure the app's "not an MRI slice" check: real test slices wrongly flagged, non-MRI images caught.
+"""Measure the domain check: real test slices wrongly flagged, non-MRI images caught.
 
-python scripts/bench_ood.py [--model DIR] [--data_dir DIR] [--out benchmarks/ood.json] [--stride N]
+python scripts/bench_ood.py [--model DIR] [--data_dir DIR] [--stride N] [--out FILE]
 """
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
-from hf_tumor.app import Classifier, ood_report
+from hf_tumor.benchmark import ood_report, output_path
 from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
+from hf_tumor.inference import load_predictor
+from hf_tumor.inference import default_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="Model folder or Hub id (default: the bundled model).")
     parser.add_argument("--data_dir", help="Kaggle folder (default: $HF_TUMOR_DATA).")
-    parser.add_argument("--out", default="benchmarks/ood.json")
     parser.add_argument("--stride", type=int, default=1, help="Use every N-th test slice (1: all 1,311).")
+    parser.add_argument("--out", help="Output JSON (default: benchmarks/ood_{size}px_{backend}_{machine}.json).")
     args = parser.parse_args()
     root = resolve_data_dir(args.data_dir)
     paths = [str(p) for c in check_layout(root) for p in image_files(root / SPLIT_DIRS["test"] / c)][:: args.stride]
-    classifier = Classifier(args.model)
-    report = {"model": classifier.source, "machine": platform.platform(), **ood_report(classifier, paths)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    predictor = load_predictor(args.model or default_model())
+    report = ood_report(predictor, paths)
+    size = predictor.config.pretrained_cfg["input_size"][-1]
+    out = Path(args.out or output_path("ood", f"{size}px_{predictor.backend}"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training throughput: data loader alone, a bare PyTorch loop, and the Trainer, per size and precision.
 
 python scripts/bench_train.py [--data_dir DIR] [--sizes 128 256] [--precisions fp32 bf16] [--steps 5]
-                              [--out benchmarks/train.json]
+                              [--out FILE]
 
 Run on an idle machine. bf16 is skipped where the hardware has no native bf16 (it is emulated there,
 and about 17x slower than fp32 on an AVX2 CPU), unless --force_bf16.
@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from hf_tumor.benchmark import machine, train_benchmark
-from hf_tumor.training import bf16_available
+from hf_tumor.benchmark import machine, output_path, train_benchmark
+from hf_tumor.runtime import bf16_available
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="Timed steps (after 2 warm-up steps).")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--force_bf16", action="store_true", help="Measure bf16 even where it is emulated.")
-    parser.add_argument("--out", default="benchmarks/train.json")
+    parser.add_argument("--out", help="Output JSON (default: benchmarks/train_{sizes}px_{machine}.json).")
     args = parser.parse_args()
     runs = []
     for precision in args.precisions:
@@ -35,9 +35,10 @@ def main() -> None:
             runs.append(train_benchmark(args.data_dir, size, precision, args.batch_size, args.steps, args.warmup))
             print(json.dumps(runs[-1]), flush=True)
     report = {"machine": machine(), "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = Path(args.out or output_path("train", "-".join(map(str, args.sizes)) + "px"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Environment: HF_TUMOR_MODEL (Hub id or folder; default: the model bundled in the repository),
 HF_TUMOR_REVISION (pin a Hub model to a branch, tag or commit),
 HF_TUMOR_BACKEND (auto, onnx-int8, onnx or torch; auto: the fastest whose ONNX parity check passed),
-HF_TUMOR_DECODE (auto, full or reduced: how JPEGs are read; auto: reduced where its check passed),
-HF_TUMOR_EXAMPLES (a folder of example slices to show), HF_TUMOR_PORT (default 7860).
+HF_TUMOR_EXAMPLES (a folder of example slices to show). Host and port are Gradio's own
+GRADIO_SERVER_NAME (default 127.0.0.1) and GRADIO_SERVER_PORT (default 7860).
 """
 
 from __future__ import annotations
@@ -17,19 +17,20 @@ from pathlib import Path
 import gradio as gr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # on a Space, hf_tumor/ sits beside this file
-from hf_tumor.app import (  # noqa: E402
-    Classifier, batch_rows, default_model, limit_malloc_arenas, model_summary, overlay, verdict,
-)
-from hf_tumor.image_io import MAX_UPLOAD_BYTES, InputError, read_image  # noqa: E402
-from hf_tumor.inference import BackendError  # noqa: E402
+from hf_tumor.errors import UserError  # noqa: E402
+from hf_tumor.explain import GradCamExplainer, overlay  # noqa: E402
+from hf_tumor.image_io import MAX_UPLOAD_BYTES, read_image  # noqa: E402
+from hf_tumor.inference import Predictor, load_predictor  # noqa: E402
+from hf_tumor.inference import default_model  # noqa: E402
+from hf_tumor.reporting import batch_table, limit_malloc_arenas, model_summary, verdict  # noqa: E402
 
 MODEL_CARD_URL = "https://huggingface.co/{}"
 
 
-def build_demo(classifier: Classifier) -> gr.Blocks:
+def build_demo(predictor: Predictor, explainer: GradCamExplainer) -> gr.Blocks:
     """The UI: one slice with probabilities and Grad-CAM, or many slices as a table and CSV."""
-    summary = model_summary(classifier.predictor.model_dir)
-    card = (MODEL_CARD_URL.format(classifier.source) if not Path(classifier.source).exists()
+    summary = model_summary(predictor.model_dir)
+    card = (MODEL_CARD_URL.format(predictor.source) if not Path(predictor.source).exists()
             else "the model card (README.md in the model folder)")
     split_names = {"test": "official test", "clean_test": "leak-free test"}
     figures = (", ".join(f"{split_names[name]}: {value:.2%}" for name, value in summary.items())
@@ -39,15 +40,14 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
         if path is None:
             raise gr.Error("Upload an image first.")
         try:
-            image = classifier.predictor.read(path)
-            # the heatmap is shown over the slice at full resolution, even when the model reads it reduced
-            shown = read_image(path) if classifier.predictor.reduced_decode else image
-        except InputError as err:
+            image = read_image(path)
+        except UserError as err:
             raise gr.Error(str(err)) from None
-        result = classifier.predict(image)
-        label = result.probabilities if result.trusted else {}
-        state = (shown, result.cam)
-        return label, overlay(shown, result.cam), verdict(result), state
+        x = predictor.preprocess([image])
+        prediction = predictor.predict([image], x)[0]
+        cam = explainer.heatmap(x, predictor.class_names.index(prediction.label))
+        label = prediction.probabilities if prediction.trusted else {}
+        return label, overlay(image, cam), verdict(prediction), (image, cam)
 
     def reblend(opacity: float, state):
         if state is None:
@@ -58,7 +58,7 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
     def classify_many(paths: list[str] | None):
         if not paths:
             raise gr.Error("Upload one or more images first.")
-        rows, text = batch_rows(classifier, paths)
+        _, rows, text = batch_table(predictor.predict_files(paths), predictor.class_names)
         out = Path(tempfile.mkdtemp(prefix="hf-tumor-")) / "predictions.csv"
         out.write_text(text)
         return rows, str(out)
@@ -66,7 +66,7 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
     with gr.Blocks(title="hf-tumor: brain MRI tumor classifier") as demo:
         gr.Markdown(
             "# Brain tumor MRI classifier\n"
-            f"Classifies one MRI slice as **{', '.join(classifier.class_names)}**, with a Grad-CAM heatmap of "
+            f"Classifies one MRI slice as **{', '.join(predictor.class_names)}**, with a Grad-CAM heatmap of "
             "what drove the prediction.\n\n"
             "> **Research tool, not a medical device.** Do not use it for diagnosis or treatment decisions.\n\n"
             f"Measured accuracy — {figures}. The official test split shares near-duplicates with the training "
@@ -79,7 +79,7 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
                     upload = gr.File(label="MRI slice: JPEG, PNG or DICOM (.dcm)", type="filepath")
                     run = gr.Button("Classify", variant="primary")
                 with gr.Column():
-                    probabilities = gr.Label(num_top_classes=len(classifier.class_names), label="Probabilities")
+                    probabilities = gr.Label(num_top_classes=len(predictor.class_names), label="Probabilities")
                     message = gr.Markdown()
                     heatmap = gr.Image(label="Grad-CAM of the predicted class", interactive=False)
                     opacity = gr.Slider(0, 1, value=0.45, step=0.05, label="Heatmap opacity")
@@ -93,7 +93,7 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
         with gr.Tab("Many slices"):
             many = gr.File(file_count="multiple", type="filepath", label="Images")
             run_many = gr.Button("Classify all", variant="primary")
-            table = gr.Dataframe(headers=["file", "label", *classifier.class_names, "note"], label="Predictions")
+            table = gr.Dataframe(headers=["file", "label", *predictor.class_names, "note"], label="Predictions")
             csv_file = gr.File(label="CSV")
             run_many.click(classify_many, many, [table, csv_file], api_name="classify_batch")
     return demo
@@ -101,24 +101,21 @@ def build_demo(classifier: Classifier) -> gr.Blocks:
 
 def main() -> None:
     limit_malloc_arenas()  # before Gradio starts its worker threads
+    model = default_model()
     try:
-        classifier = Classifier(revision=os.environ.get("HF_TUMOR_REVISION"),  # pin a Hub model's revision
-                                backend=os.environ.get("HF_TUMOR_BACKEND", "auto"),
-                                decode=os.environ.get("HF_TUMOR_DECODE", "auto"))
-    except BackendError as err:
+        predictor = load_predictor(model, os.environ.get("HF_TUMOR_BACKEND", "auto"),
+                                   revision=os.environ.get("HF_TUMOR_REVISION"))  # pin a Hub model's revision
+        explainer = GradCamExplainer(predictor.model_dir)
+    except UserError as err:
         sys.exit(str(err))
     except OSError as err:
-        sys.exit(f"Cannot load the model '{default_model()}' ({type(err).__name__}). Set HF_TUMOR_MODEL to a "
+        sys.exit(f"Cannot load the model '{model}' ({type(err).__name__}). Set HF_TUMOR_MODEL to a "
                  "model folder or a Hub repo id, or train one with `make train`.")
-    print(classifier.predictor.describe(), flush=True)
-    demo = build_demo(classifier)
+    print(predictor.describe(), flush=True)
+    demo = build_demo(predictor, explainer)
     demo.queue(max_size=32, default_concurrency_limit=2)  # bounded: a full queue is refused, not grown
-    demo.launch(
-        server_name=os.environ.get("HF_TUMOR_HOST", "127.0.0.1"),
-        server_port=int(os.environ.get("HF_TUMOR_PORT", "7860")),
-        max_file_size=MAX_UPLOAD_BYTES,
-        show_error=True,
-    )
+    # host and port left to Gradio: it reads GRADIO_SERVER_NAME and GRADIO_SERVER_PORT (a Space sets 0.0.0.0)
+    demo.launch(max_file_size=MAX_UPLOAD_BYTES, show_error=True)
 
 
 if __name__ == "__main__":

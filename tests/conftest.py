@@ -18,6 +18,7 @@ os.environ.pop("HF_TUMOR_DATA", None)
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HF_TUMOR_TEST_DATA", REPO.parent / "shared" / "data" / "brain-tumor-mri"))
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+BUNDLED_MODEL = REPO / "models" / "resnetv2_50-scratch-128"
 TEST_IMAGE_SIZE = 64
 
 
@@ -45,18 +46,29 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_subset(tmp_path_factory.mktemp("tiny_data"), 12, 4)
 
 
-def train_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
-    """Flags for a few quick training steps of resnetv2_50 at 64 px, from scratch."""
+def train_args(data_dir: Path, output_dir: Path, *extra: str, image_size: int | None = TEST_IMAGE_SIZE) -> list[str]:
+    """Flags for a few quick training steps of resnetv2_50 at 64 px, from scratch; everything else is the
+    default recipe. ``image_size=None`` leaves the size to the defaults or to an argument file given first."""
+    size = ["--image_size", str(image_size)] if image_size is not None else []
     return [
-        "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--init", "scratch",
-        "--image_size", str(TEST_IMAGE_SIZE), "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
+        "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--init", "scratch", *size,
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
         "--warmup_steps", "2", "--logging_steps", "2", "--dataloader_num_workers", "0", *extra,
     ]
 
 
 @pytest.fixture(scope="session")
+def tiny_train_size(tiny_data, tmp_path_factory) -> int:
+    """How many of ``tiny_data``'s images the default recipe trains on (the rest is validation)."""
+    from hf_tumor.training import parse_args, prepare_data
+
+    data_args, model_args, _, training_args = parse_args(train_args(tiny_data, tmp_path_factory.mktemp("sizes")))
+    return len(prepare_data(data_args, model_args, training_args).splits["train"])
+
+
+@pytest.fixture(scope="session")
 def trained_model(tiny_data, tmp_path_factory) -> Path:
-    """A resnetv2_50 model folder trained for a few steps by the real training entry point."""
+    """A resnetv2_50 model folder trained for 2 epochs by the real training entry point, then evaluated."""
     from hf_tumor.training import main
 
     return main(train_args(tiny_data, tmp_path_factory.mktemp("model") / "run"))

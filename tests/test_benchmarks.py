@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import PIL.Image
 import pytest
 
 from conftest import REPO, real_images
-from hf_tumor.training import CPU_FEATURES, bf16_available
+from hf_tumor.runtime import CPU_FEATURES, bf16_available, machine_kind
 
 pytestmark = pytest.mark.slow
 
@@ -26,22 +27,24 @@ def run_script(name: str, *args: str, timeout: int = 900) -> subprocess.Complete
 def test_bench_inference_reports_every_stage(trained_model: Path, tmp_path: Path):
     out = tmp_path / "inference.json"
     gray = PIL.Image.open(real_images("Testing", "glioma", 1)[0]).convert("L")
-    files = {"gray": tmp_path / "gray.png", "rgb": tmp_path / "rgb.png", "colour": tmp_path / "colour.png"}
+    files = {"gray": tmp_path / "gray.png", "gray-in-rgb": tmp_path / "rgb.png", "colour": tmp_path / "colour.png"}
     gray.save(files["gray"])
-    gray.convert("RGB").save(files["rgb"])  # three equal channels (PNG: lossless)
+    gray.convert("RGB").save(files["gray-in-rgb"])  # three equal channels (PNG: lossless)
     PIL.Image.merge("RGB", (gray, gray, gray.point(lambda v: v // 2))).save(files["colour"])
     run_script("bench_inference.py", "--model", str(trained_model), "--images", *map(str, files.values()),
                "--repeats", "3", "--batch_sizes", "1", "4", "--out", str(out))
     report = json.loads(out.read_text())
     torch_ = report["backends"]["torch"]
     assert set(report["backends"]) == {"torch"}  # the tiny model has no checked ONNX export
-    assert {kind: entry["file"] for kind, entry in torch_["files"].items()} == {k: str(v) for k, v in files.items()}
+    # recorded relative to the repository: no machine's absolute paths in benchmark files
+    assert {kind: entry["file"] for kind, entry in torch_["files"].items()} == {k: os.path.relpath(v, REPO) for k, v in files.items()}
     # no ordering between the figures: at 3 repeats on a busy machine, timings are noise
     for entry in torch_["files"].values():
         assert all(entry[key] > 0 for key in ("forward_ms", "end_to_end_ms", "read_ms", "preprocess_ms"))
         assert entry["end_to_end_over_forward"] == pytest.approx(entry["end_to_end_ms"] / entry["forward_ms"], rel=0.01)
     assert set(torch_["throughput_images_per_s"]) == {"1", "4"}
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["versions"]["torch"]
+    assert report["machine"]["kind"] == machine_kind()
 
 
 def test_bench_inference_refuses_two_files_of_one_kind(trained_model: Path, tmp_path: Path):
@@ -81,3 +84,20 @@ def test_bench_load_serves_concurrent_clients(trained_model: Path, tiny_data: Pa
     assert report["failed"] == 0 and report["requests_ok"] > 0, report["failures"]
     assert report["latency_ms_p50"] <= report["latency_ms_p95"]
     assert report["server_rss_mb_after_warmup"] > 100 and report["server_rss_growth"] is not None
+
+
+def test_benchmark_files_are_named_by_machine_kind():
+    from hf_tumor.benchmark import output_path
+
+    path = output_path("inference", "128px")
+    assert path.parent == REPO / "benchmarks" and path.name == f"inference_128px_{machine_kind()}.json"
+
+
+def test_bench_app_start_measures_a_fresh_app(trained_model: Path, tiny_data: Path, tmp_path: Path):
+    out = tmp_path / "start.json"
+    run_script("bench_app_start.py", "--model", str(trained_model), "--data_dir", str(tiny_data), "--runs", "1",
+               "--out", str(out))
+    report = json.loads(out.read_text())
+    run = report["runs"][0]
+    assert run["ready_s"] > 0 and run["first_classify_s"] > 0 and run["rss_mb_ready"] > 100
+    assert report["median"]["ready_s"] == run["ready_s"]

@@ -47,7 +47,7 @@ def test_predict_json(trained_model):
     result = run_cli("predict", "--model", str(trained_model), "--json", image)
     assert result.returncode == 0
     record = json.loads(result.stdout)
-    assert record["path"] == image and record["error"] is None
+    assert record["path"] == image and record["error"] is None and record["flags"] == []  # a real slice
     assert list(record["probabilities"]) == CLASSES
     assert abs(sum(record["probabilities"].values()) - 1) < 1e-5
     assert record["label"] == max(record["probabilities"], key=record["probabilities"].get)
@@ -91,6 +91,7 @@ def test_predict_on_every_kind_of_file(kind, predicted_hostile):
     files, records, stderr = predicted_hostile
     record = records[str(files[kind])]
     assert "Traceback" not in stderr
+    assert isinstance(record["flags"], list)
     if kind in GOOD:
         assert record["error"] is None and record["label"] in CLASSES
     else:

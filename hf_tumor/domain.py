@@ -1,0 +1,74 @@
+"""Is an input inside the model's domain? The checks shared by ``hf-tumor predict`` and the app.
+
+A flag is a plain-language reason to distrust the label, never a diagnosis: image statistics catch
+what is plainly no MRI slice (colour, blank, no dark background), and the energy score
+(-logsumexp of the logits) catches inputs the classifier finds unlike its training slices. Its
+threshold is the 99th percentile on validation slices, written by ``hf-tumor evaluate`` into
+``config.json`` (``ood_energy_threshold``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import PIL.Image
+
+
+def image_checks(image: PIL.Image.Image | np.ndarray) -> list[str]:
+    """Reasons, from image statistics alone, why this does not look like a brain MRI slice.
+
+    ``image``: a PIL image, or the model's input before normalization as (3, H, W) values in 0-255
+    (what prediction has at hand already: resizing the upload again would cost more than the model's
+    own preprocessing).
+    """
+    if isinstance(image, PIL.Image.Image):
+        small = np.asarray(image.convert("RGB").resize((128, 128), PIL.Image.BILINEAR), dtype=np.float32)
+    else:
+        small = np.moveaxis(np.asarray(image, dtype=np.float32), 0, -1)
+    reasons = []
+    chroma = np.abs(small - small.mean(axis=2, keepdims=True)).mean()
+    if chroma > 6:  # MRI slices are grayscale, even when stored as RGB (measured <= 2 on the dataset)
+        reasons.append("it is a colour image (MRI slices are grayscale)")
+    gray = small.mean(axis=2)
+    if gray.std() < 4:
+        reasons.append("it is blank or nearly uniform")
+    elif (gray < 20).mean() < 0.05:  # slices sit on a black background
+        reasons.append("it has no dark background around the anatomy")
+    return reasons
+
+
+def energy_scores(logits: np.ndarray) -> np.ndarray:
+    """Energy score, -logsumexp(logits) per row: higher means less like the training data."""
+    z = np.asarray(logits, np.float64)
+    top = z.max(axis=1)
+    return -(top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
+
+
+def energy_threshold(validation_logits: np.ndarray, flag_rate: float = 0.01) -> float:
+    """The energy above which an input is flagged: its (1 - flag_rate) quantile on validation slices."""
+    return float(np.quantile(energy_scores(validation_logits), 1 - flag_rate))
+
+
+@dataclass
+class DomainCheck:
+    """One model's checks: image statistics, and the energy threshold from its ``config.json`` (if any)."""
+
+    energy_limit: float | None = None
+
+    @classmethod
+    def of(cls, config: Any) -> "DomainCheck":
+        return cls(getattr(config, "ood_energy_threshold", None))
+
+    def flags(self, images: Sequence[PIL.Image.Image | np.ndarray], logits: np.ndarray) -> list[list[str]]:
+        """Every reason to distrust each image's label (an empty list where nothing is wrong); ``images`` as
+        ``image_checks`` takes them."""
+        flags = []
+        for image, energy in zip(images, energy_scores(logits)):
+            reasons = [f"this does not look like a brain MRI slice: {r}" for r in image_checks(image)]
+            if self.energy_limit is not None and energy > self.energy_limit:
+                reasons.append("unlike the slices this model was trained on: its energy score is above the "
+                               "99th percentile of validation slices")
+            flags.append(reasons)
+        return flags
