@@ -7,10 +7,14 @@ machine never overwrite another's.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +35,14 @@ BENCHMARKS = REPO / "benchmarks"
 def output_path(measure: str, detail: str) -> Path:
     """Where ``make bench`` writes a measure: named by what it measured and the kind of machine."""
     return BENCHMARKS / f"{measure}_{detail}_{machine_kind()}.json"
+
+
+def write_report(report: dict[str, Any], out: str | os.PathLike | None, measure: str, detail: str) -> Path:
+    """Write a benchmark's JSON to ``out``, or to ``output_path(measure, detail)``; returns the path."""
+    path = Path(out) if out else output_path(measure, detail)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -148,12 +160,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(model: str, port: int, timeout: float = 300) -> tuple["subprocess.Popen", float]:
+def start_app(model: str, port: int, timeout: float = 300) -> tuple[subprocess.Popen, float]:
     """``python space/app.py`` serving ``model`` on 127.0.0.1:``port``; returns it and the seconds until
     it answered HTTP."""
-    import subprocess
-    import sys
-    import urllib.request
 
     env = dict(os.environ, HF_TUMOR_MODEL=model, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1",
                GRADIO_ANALYTICS_ENABLED="False")

@@ -7,9 +7,8 @@ python scripts/bench_app_start.py [--model DIR] [--runs 3] [--out FILE]
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from hf_tumor.benchmark import app_start_benchmark, output_path
+from hf_tumor.benchmark import app_start_benchmark, write_report
 from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
 from hf_tumor.inference import default_model
 
@@ -27,9 +26,7 @@ def main() -> None:
         report = app_start_benchmark(args.model or default_model(), image, args.runs)
     except RuntimeError as err:
         sys.exit(str(err))
-    out = Path(args.out or output_path("app", "start"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out, "app", "start")
     print(json.dumps(report["median"], indent=2))
     print(f"wrote {out}")
 

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hf_tumor.benchmark import first_of_each_kind, inference_benchmark, output_path
+from hf_tumor.benchmark import first_of_each_kind, inference_benchmark, write_report
 from hf_tumor.data import resolve_data_dir
 from hf_tumor.inference import resolve_model_dir
 from hf_tumor.inference import default_model
@@ -38,9 +38,7 @@ def main() -> None:
         parser.error(str(err))
     model = args.model or default_model()
     size = AutoConfig.from_pretrained(resolve_model_dir(model)).pretrained_cfg["input_size"][-1]
-    out = Path(args.out or output_path("inference", f"{size}px"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out, "inference", f"{size}px")
     print(json.dumps(report["backends"], indent=2))
     print(f"wrote {out}")
 

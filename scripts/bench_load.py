@@ -9,9 +9,8 @@ stops the server, and writes latency p50/p95, throughput, failures and the serve
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from hf_tumor.benchmark import free_port, load_test, output_path, shown, start_app
+from hf_tumor.benchmark import free_port, load_test, shown, start_app, write_report
 from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
 from hf_tumor.inference import default_model
 
@@ -40,9 +39,7 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     report["model"] = shown(model)
-    out = Path(args.out or output_path("load", f"{args.clients}x{args.seconds:.0f}s"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out, "load", f"{args.clients}x{args.seconds:.0f}s")
     print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
     print(f"wrote {out}")
     sys.exit(1 if report["failed"] else 0)

@@ -5,9 +5,8 @@ python scripts/bench_ood.py [--model DIR] [--data_dir DIR] [--stride N] [--out F
 
 import argparse
 import json
-from pathlib import Path
 
-from hf_tumor.benchmark import ood_report, output_path
+from hf_tumor.benchmark import ood_report, write_report
 from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
 from hf_tumor.inference import load_predictor
 from hf_tumor.inference import default_model
@@ -25,9 +24,7 @@ def main() -> None:
     predictor = load_predictor(args.model or default_model())
     report = ood_report(predictor, paths)
     size = predictor.config.pretrained_cfg["input_size"][-1]
-    out = Path(args.out or output_path("ood", f"{size}px_{predictor.backend}"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out, "ood", f"{size}px_{predictor.backend}")
     print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
     print(f"wrote {out}")
 

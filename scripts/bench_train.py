@@ -9,9 +9,8 @@ and about 17x slower than fp32 on an AVX2 CPU), unless --force_bf16.
 
 import argparse
 import json
-from pathlib import Path
 
-from hf_tumor.benchmark import machine, output_path, train_benchmark
+from hf_tumor.benchmark import machine, train_benchmark, write_report
 from hf_tumor.runtime import bf16_available
 
 
@@ -35,9 +34,7 @@ def main() -> None:
             runs.append(train_benchmark(args.data_dir, size, precision, args.batch_size, args.steps, args.warmup))
             print(json.dumps(runs[-1]), flush=True)
     report = {"machine": machine(), "runs": runs}
-    out = Path(args.out or output_path("train", "-".join(map(str, args.sizes)) + "px"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out, "train", "-".join(map(str, args.sizes)) + "px")
     print(f"wrote {out}")
 
 
