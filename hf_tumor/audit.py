@@ -26,7 +26,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from hf_tumor.data import SPLIT_DIRS, cache_dir, check_layout, image_files
+from hf_tumor.data import SPLIT_DIRS, DataError, cache_dir, check_layout, image_files
 from hf_tumor.preprocessing import load_image
 
 logger = logging.getLogger("hf_tumor")
@@ -168,7 +168,7 @@ def _describe(groups: list[list[int]], fp: Fingerprints) -> dict[str, Any]:
 def run_audit(data_dir: str | os.PathLike, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Audit a data folder; returns the JSON-ready report (see the module docstring)."""
     if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        raise DataError(f"--threshold must be in (0, 1], got {threshold}")
     fp = fingerprints(data_dir)
     n = len(fp.paths)
     thumbs = standardize(fp.audit_thumbs)

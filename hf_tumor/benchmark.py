@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from importlib.metadata import PackageNotFoundError, version
@@ -153,8 +155,6 @@ def inference_benchmark(model: str, images: list[Path], backends: list[str] | No
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -163,15 +163,18 @@ def free_port() -> int:
 def start_app(model: str, port: int, timeout: float = 300) -> tuple[subprocess.Popen, float]:
     """``python space/app.py`` serving ``model`` on 127.0.0.1:``port``; returns it and the seconds until
     it answered HTTP."""
-
     env = dict(os.environ, HF_TUMOR_MODEL=model, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1",
                GRADIO_ANALYTICS_ENABLED="False")
+    # its log goes to a file, not a pipe: a pipe nobody reads fills up during a long load test and
+    # blocks the server
+    log = tempfile.TemporaryFile(mode="w+")
     start = time.perf_counter()
     server = subprocess.Popen([sys.executable, str(REPO / "space" / "app.py")], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=log, text=True)
     while time.perf_counter() - start < timeout:
         if server.poll() is not None:
-            raise RuntimeError(f"the app exited with code {server.returncode} before serving: {server.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"the app exited with code {server.returncode} before serving: {log.read()[-2000:]}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
             return server, time.perf_counter() - start
@@ -412,8 +415,6 @@ def train_benchmark(data_dir: str | os.PathLike, image_size: int, precision: str
             self.stamps.append(time.perf_counter())
 
     stamps = StepTimes()
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, max_steps=total, per_device_train_batch_size=batch_size, learning_rate=1e-3,

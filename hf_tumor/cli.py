@@ -50,7 +50,7 @@ def _audit(argv: Sequence[str]) -> int:
     from hf_tumor.audit import DEFAULT_THRESHOLD, run_audit, summary
     from hf_tumor.data import resolve_data_dir
 
-    report = run_audit(resolve_data_dir(args.data_dir), args.threshold or DEFAULT_THRESHOLD)
+    report = run_audit(resolve_data_dir(args.data_dir), DEFAULT_THRESHOLD if args.threshold is None else args.threshold)
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
     print(summary(report))
     print(f"wrote {args.output}")
@@ -68,8 +68,7 @@ def _predict(argv: Sequence[str]) -> int:
                         help="One JSON object per line: path, label, probabilities, flags (reasons to distrust the "
                              "label; empty when nothing is wrong), error.")
     args = parser.parse_args(argv)
-    from hf_tumor.inference import load_predictor
-    from hf_tumor.inference import default_model
+    from hf_tumor.inference import default_model, load_predictor
 
     predictor = load_predictor(args.model or default_model(), args.backend, args.revision)
     print(predictor.describe(), file=sys.stderr)

@@ -124,15 +124,6 @@ def training_split_settings(model_dir: Path) -> dict[str, Any]:
     return settings
 
 
-def rebuilt_splits(model_dir: Path, data_dir: Path, audit: dict[str, Any], pretrained_cfg: dict[str, Any]):
-    """Train / validation / test exactly as the model's training drew them (train_args.json)."""
-    settings = training_split_settings(model_dir)
-    return load_splits(
-        data_dir, pretrained_cfg, settings["validation_fraction"], settings["split_seed"],
-        groups=train_groups(audit, data_dir), limit_per_class=settings["limit_per_class"],
-    )
-
-
 def _split_report(
     logits: np.ndarray, labels: np.ndarray, class_names: list[str], temperature: float
 ) -> dict[str, Any]:
@@ -164,7 +155,11 @@ def evaluate_model(
     class_names = class_names_of(model.config)
     data_dir = resolve_data_dir(data_dir)
     audit = audit or run_audit(data_dir)
-    splits = rebuilt_splits(model_dir, data_dir, audit, pretrained_cfg)
+    settings = training_split_settings(model_dir)
+    splits = load_splits(
+        data_dir, pretrained_cfg, settings["validation_fraction"], settings["split_seed"],
+        groups=train_groups(audit, data_dir), limit_per_class=settings["limit_per_class"],
+    )
     if splits["test"].features["label"].names != class_names:
         raise ValueError(
             f"The model's classes {class_names} differ from the data's class folders {splits['test'].features['label'].names}."

@@ -99,3 +99,10 @@ def test_audit_command_writes_report(planted, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "test images with a near twin in Training: 3 of 9" in result.stdout
     assert json.loads(out.read_text())["exact_duplicates"]["num_groups"] == 2
+
+
+def test_a_bad_threshold_is_a_clear_error_on_the_command_line(planted, tmp_path):
+    from hf_tumor.cli import main
+
+    assert main(["audit", "--data_dir", str(planted), "--threshold", "0", "--output", str(tmp_path / "a.json")]) == 2
+    assert not (tmp_path / "a.json").exists()
