@@ -211,11 +211,13 @@ def app_start_benchmark(model: str, image: Path, runs: int = 3) -> dict[str, Any
 
 
 def load_test(url: str, images: list[Path], clients: int = 16, seconds: float = 60.0,
-              server_pid: int | None = None) -> dict[str, Any]:
-    """``clients`` concurrent gradio_client users calling ``/classify`` on ``url`` for ``seconds``.
+              server_pid: int | None = None, heatmaps: bool = True) -> dict[str, Any]:
+    """``clients`` concurrent gradio_client users calling ``/classify`` on ``url`` for ``seconds``, each
+    then asking ``/explain`` for the heatmap (as the UI does) when ``heatmaps``.
 
-    Reports requests, failures (a full queue's rejections counted apart), latency p50/p95,
-    throughput, and the server's resident memory after warm-up and at the end.
+    Reports requests, failures (a full queue's rejections counted apart), latency p50/p95 of the
+    answer (label and probabilities) and of the heatmap after it, answers per second, and the
+    server's resident memory after warm-up and at the end.
     """
     import threading
 
@@ -224,6 +226,7 @@ def load_test(url: str, images: list[Path], clients: int = 16, seconds: float = 
 
     server = psutil.Process(server_pid) if server_pid else None
     latencies: list[float] = []
+    heatmap_latencies: list[float] = []
     rejected, failures = 0, []
     lock = threading.Lock()
     warm = threading.Barrier(clients + 1)  # memory baseline: once every client has had one answer
@@ -246,6 +249,11 @@ def load_test(url: str, images: list[Path], clients: int = 16, seconds: float = 
                 client.predict(handle_file(str(image)), api_name="/classify")
                 with lock:
                     latencies.append(time.perf_counter() - start)
+                if heatmaps:
+                    start = time.perf_counter()
+                    client.predict(handle_file(str(image)), 0.45, api_name="/explain")
+                    with lock:
+                        heatmap_latencies.append(time.perf_counter() - start)
             except Exception as err:  # counted and reported: the point of the test
                 with lock:
                     if "queue is full" in str(err).lower():
@@ -263,6 +271,7 @@ def load_test(url: str, images: list[Path], clients: int = 16, seconds: float = 
     warm.wait()
     rss_start = server.memory_info().rss if server else None
     latencies.clear()  # warm-up requests are not measured
+    heatmap_latencies.clear()
     start = time.monotonic()
     deadline[0] = start + seconds
     rss_peak = rss_start or 0
@@ -273,12 +282,18 @@ def load_test(url: str, images: list[Path], clients: int = 16, seconds: float = 
     elapsed = time.monotonic() - start
     rss_end = server.memory_info().rss if server else None
     ms = sorted(1000 * x for x in latencies)
+    heat_ms = sorted(1000 * x for x in heatmap_latencies)
+
+    def percentile(values: list[float], q: float) -> float | None:
+        return round(float(np.percentile(values, q)), 1) if values else None
+
     return {
         "url": url, "clients": clients, "seconds": round(elapsed, 1), "requests_ok": len(ms),
         "rejected_queue_full": rejected, "failed": len(failures), "failures": failures[:10],
-        "latency_ms_p50": round(float(np.percentile(ms, 50)), 1) if ms else None,
-        "latency_ms_p95": round(float(np.percentile(ms, 95)), 1) if ms else None,
+        "latency_ms_p50": percentile(ms, 50), "latency_ms_p95": percentile(ms, 95),
         "throughput_per_s": round(len(ms) / elapsed, 2),
+        "heatmaps": heatmaps, "heatmaps_ok": len(heat_ms),
+        "heatmap_ms_p50": percentile(heat_ms, 50), "heatmap_ms_p95": percentile(heat_ms, 95),
         "server_rss_mb_after_warmup": round(rss_start / 2**20, 1) if rss_start else None,
         "server_rss_mb_peak": round(rss_peak / 2**20, 1) if server else None,
         "server_rss_mb_end": round(rss_end / 2**20, 1) if rss_end else None,

@@ -94,21 +94,31 @@ def _external(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--model", help="Model folder or Hub repo id (default: $HF_TUMOR_MODEL, else the bundled model).")
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
-    parser.add_argument("--sources", nargs="+", help="Which sources (default: every installed one).")
+    parser.add_argument("--sources", nargs="+",
+                        help="Which sources (default: every installed one the model was not trained on).")
     parser.add_argument("--output", help="Write the report as JSON here.")
     parser.add_argument("--save_slices", metavar="DIR", help="Also write the slices as JPEGs with a slices.csv index.")
     args = parser.parse_args(argv)
-    from hf_tumor.external import build_suite, external_report, format_report, save_slices
+    from hf_tumor.external import available_sources, build_suite, external_report, format_report, save_slices, trained_on
     from hf_tumor.inference import default_model, load_predictor
 
     predictor = load_predictor(args.model or default_model(), args.backend)
     print(predictor.describe(), file=sys.stderr)
-    suite = build_suite(args.sources)
+    seen = trained_on(predictor.model_dir)
+    sources = args.sources
+    if sources is None and seen:
+        sources = [name for name in available_sources() if name not in seen]
+        print(f"left out, the model was trained on their slices: {', '.join(seen)}", file=sys.stderr)
+    elif sources and set(sources) & set(seen):
+        print(f"warning: the model was trained on slices of {', '.join(sorted(set(sources) & set(seen)))}; "
+              "their figures are not independent", file=sys.stderr)
+    suite = build_suite(sources)
     predictions = [p for start in range(0, len(suite), 32)
                    for p in predictor.predict([s.image for s in suite[start : start + 32]])]
     report = external_report(suite, predictions, predictor.class_names)
     local = Path(predictor.source).exists()  # recorded relative to here: no machine's absolute paths in reports
     report["model"], report["backend"] = os.path.relpath(predictor.source) if local else predictor.source, predictor.backend
+    report["trained_on"] = seen
     print(format_report(report))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
@@ -154,10 +164,13 @@ def _package(argv: Sequence[str]) -> int:
     parser.add_argument("--model", required=True, help="Model folder written by training and evaluation.")
     parser.add_argument("--out", required=True, help="Destination folder.")
     parser.add_argument("--repo_id", default="hf-tumor/resnetv2_50", help="Repo id the card's snippets use.")
+    parser.add_argument("--space_id", help="The Space the card links to.")
+    parser.add_argument("--dataset_id", help="The audited dataset on the Hub the card points at "
+                                             "(default: OWNER/brain-tumor-mri, OWNER from --repo_id).")
     args = parser.parse_args(argv)
     from hf_tumor.hub import package_model
 
-    print(f"wrote {package_model(args.model, args.out, args.repo_id)}")
+    print(f"wrote {package_model(args.model, args.out, args.repo_id, space_id=args.space_id, dataset_id=args.dataset_id)}")
     return 0
 
 
@@ -169,14 +182,49 @@ def _push(argv: Sequence[str]) -> int:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", help="Branch to push the model to (created if missing).")
     parser.add_argument("--dry_run", metavar="OUT", help="Write the files that would be uploaded under OUT; push nothing.")
+    parser.add_argument("--data_dir", help="With --space_id: the data folder the Space's example slices come from "
+                                           "(default: $HF_TUMOR_DATA).")
+    parser.add_argument("--dataset_id", help="The audited dataset the card points at (`hf-tumor push-dataset`; "
+                                             "default: OWNER/brain-tumor-mri, OWNER from --repo_id).")
     args = parser.parse_args(argv)
     from hf_tumor.hub import push
 
-    plan = push(args.model, args.repo_id, args.space_id, args.private, args.revision, args.dry_run)
+    from hf_tumor.data import DATA_ENV
+
+    data_dir = args.data_dir or os.environ.get(DATA_ENV)
+    plan = push(args.model, args.repo_id, args.space_id, args.private, args.revision, args.dry_run, data_dir=data_dir,
+                dataset_id=args.dataset_id)
     action = f"would upload (written under {args.dry_run})" if args.dry_run else "uploaded"
     print(f"{action} to model repo {plan.model_repo}: {', '.join(plan.model_files)}")
+    if plan.model_revision:
+        print(f"model commit {plan.model_revision}")
     if plan.space_repo:
-        print(f"{action} to Space {plan.space_repo}: {len(plan.space_files or [])} files")
+        print(f"{action} to Space {plan.space_repo} (serving that commit): {len(plan.space_files or [])} files")
+    return 0
+
+
+def _push_dataset(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hf-tumor push-dataset",
+        description="Push the audited data folder as a Hub dataset: train, validation, test and clean_test (the "
+                    "leak-free test) exactly as hf-tumor splits them, each row with its near-duplicate group, and a card.",
+    )
+    parser.add_argument("--repo_id", required=True, help="Dataset repo, USER/NAME (model cards point at USER/brain-tumor-mri).")
+    parser.add_argument("--data_dir", help="Folder with Training/ and Testing/ (default: $HF_TUMOR_DATA).")
+    parser.add_argument("--model", help="Model folder whose validation split (fraction, seed) to use and whose "
+                                        "leak-free figure the card quotes.")
+    parser.add_argument("--model_repo", help="The model's Hub id, for the card's snippet.")
+    parser.add_argument("--validation_fraction", type=float, default=0.05, help="Without --model.")
+    parser.add_argument("--split_seed", type=int, default=7, help="Without --model.")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--dry_run", metavar="OUT", help="Write the files that would be uploaded under OUT; push nothing.")
+    args = parser.parse_args(argv)
+    from hf_tumor.hub_dataset import push_dataset
+
+    plan = push_dataset(args.data_dir, args.repo_id, args.dry_run, None, args.private, args.model,
+                        args.model_repo, args.validation_fraction, args.split_seed)
+    action = f"would upload (written under {args.dry_run})" if args.dry_run else "uploaded"
+    print(f"{action} to dataset repo {plan.repo_id}: " + ", ".join(f"{s} {n}" for s, n in plan.num_rows.items()))
     return 0
 
 
@@ -197,7 +245,7 @@ def _train_bare(argv: Sequence[str]) -> int:
 # Which extra brings a package that a command may need (pyproject.toml).
 EXTRAS = {"datasets": "train", "accelerate": "train", "evaluate": "train", "sklearn": "train", "matplotlib": "train",
           "yaml": "train", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "nibabel": "external",
-          "gradio": "app", "pytorch_grad_cam": "app", "kagglehub": "kaggle"}
+          "gradio": "app", "torchio": "train", "kagglehub": "kaggle"}
 
 COMMANDS = {
     "train": (_train, "train a model folder (same flags as scripts/train.py; --help lists them)"),
@@ -207,6 +255,7 @@ COMMANDS = {
     "export": (_export, "export a model folder to ONNX (optionally int8) and check parity"),
     "package": (_package, "write a Hub-ready copy of a model folder (fp16 weights, model card)"),
     "push": (_push, "push a model folder, and optionally the Space, to the Hugging Face Hub"),
+    "push-dataset": (_push_dataset, "push the audited data, split as hf-tumor splits it, as a Hub dataset"),
     "predict": (_predict, "classify image files"),
     "external": (_external, "classify healthy MRI volumes from installed packages, slice by slice (external check)"),
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import PIL.Image
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
 
@@ -228,6 +229,16 @@ def cache_resized(dataset: Dataset, pretrained_cfg: dict[str, Any], name: str, n
     if len(cached) == 0:
         raise DataError(f"No readable images in the {name} split.")
     return cached
+
+
+def cached_rows(
+    images: Sequence[PIL.Image.Image], paths: Sequence[str], label: int, features: Features, pretrained_cfg: dict[str, Any]
+) -> Dataset:
+    """Images made in memory (slices cut from volumes) as rows of a cached split, all with one label."""
+    resize = create_eval_transform(pretrained_cfg).resize
+    pixels = [np.asarray(resize(image.convert("RGB")), dtype=np.uint8).tobytes() for image in images]
+    rows = {"label": [label] * len(pixels), "pixels": pixels, "error": [""] * len(pixels), "path": list(paths)}
+    return Dataset.from_dict(rows, features=features)
 
 
 def split_train_validation(

@@ -25,7 +25,7 @@ from hf_tumor.audit import fingerprints, run_audit, standardize, train_groups
 from hf_tumor.calibration import calibration_report, fit_temperature, fold_temperature
 from hf_tumor.data import attach_transforms, iterate_batches, load_splits, resolve_data_dir
 from hf_tumor.domain import energy_scores, energy_threshold
-from hf_tumor.inference import softmax, torch_forward
+from hf_tumor.inference import ARGS_FILE, softmax, torch_forward
 from hf_tumor.model import class_names_of, load_model, save_model_atomically
 from hf_tumor.plots import plot_confusion_matrix, plot_reliability
 
@@ -105,9 +105,6 @@ def nearest_neighbour_labels(data_dir: str | os.PathLike, query_paths: list[str]
     queries = thumbs[[index[p] for p in query_paths]]
     nearest = (queries @ thumbs[train].T).argmax(dim=1).tolist()
     return [fp.labels[train[j]] for j in nearest]
-
-
-ARGS_FILE = "train_args.json"  # the resolved arguments of a training run, in its model folder
 
 
 def training_split_settings(model_dir: Path) -> dict[str, Any]:

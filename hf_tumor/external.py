@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 
 from PIL import Image
 
+from hf_tumor.inference import ARGS_FILE
 from hf_tumor.volumes import Volume, VolumeError, level_band, load_nifti, slices
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -32,6 +34,7 @@ BANDS = ("low", "middle", "high")
 # Evenly spaced slices per plane and volume: ~160 slices in all, a minute or two on 2 CPU cores.
 DEFAULT_PER_PLANE = {"axial": 20, "coronal": 12, "sagittal": 12}
 PIP_HINT = "pip install 'hf-tumor[external]'"
+HEALTHY_LABEL = "notumor"  # the class every slice of the suite belongs to
 ITK_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
 
 
@@ -151,6 +154,8 @@ def build_suite(sources: Sequence[str] | None = None, per_plane: dict[str, int] 
         if not sources:
             hints = sorted(set(missing_sources().values()))
             raise VolumeError("no external MRI volume is installed; install them with: " + "; ".join(hints))
+    if not sources:
+        raise VolumeError("no external source to cut (every installed one was left out)")
     unknown = [name for name in sources if name not in SOURCES]
     if unknown:
         raise VolumeError(f"unknown external source(s) {unknown}; known: {sorted(SOURCES)}")
@@ -170,6 +175,17 @@ def build_suite(sources: Sequence[str] | None = None, per_plane: dict[str, int] 
                 for s in slices(volume, plane, counts[plane]):  # type: ignore[arg-type]
                     suite.append(ExternalSlice(name, plane, s.index, s.level, level_band(s.level), s.image))
     return suite
+
+
+def trained_on(model_dir: str | os.PathLike) -> list[str]:
+    """The suite's sources whose slices a model was trained on (``--healthy_sources``, in its train_args.json).
+
+    Those sources say nothing independent about that model, so the suite leaves them out by default.
+    """
+    path = Path(model_dir) / ARGS_FILE
+    if not path.is_file():
+        return []
+    return list(json.loads(path.read_text()).get("DataArguments", {}).get("healthy_sources") or [])
 
 
 def _stats(pairs: list[tuple[ExternalSlice, Any]], healthy_label: str, confident: float, key: str) -> dict[str, Any]:
@@ -194,7 +210,7 @@ def external_report(
     slices: Sequence[ExternalSlice],
     predictions: Sequence[Any],
     class_names: Sequence[str],
-    healthy_label: str = "notumor",
+    healthy_label: str = HEALTHY_LABEL,
     confident: float = 0.9,
 ) -> dict[str, Any]:
     """Summarise the model's calls on the suite, per source x plane x band, per source and overall.

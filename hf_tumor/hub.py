@@ -5,6 +5,7 @@ Nothing here touches the network until ``push`` is called without ``dry_run``.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # a Jinja template for huggingface_hub.ModelCard, shipped inside the package (package-data)
 CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 SPACE_DIR = REPO_ROOT / "space"
-KAGGLE_ID = "masoudnickparvar/brain-tumor-mri-dataset"
+DATASET_NAME = "brain-tumor-mri"  # the audited data on the Hub (`hf-tumor push-dataset`)
 # what a Hub model repo needs; checkpoints, optimizer states and logs stay behind
 EXTERNAL_FILE = "external_results.json"  # `hf-tumor external --output MODEL/external_results.json`
 MODEL_FILES = ("config.json", "model.safetensors", "README.md", "eval_results.json", "train_args.json",
@@ -67,8 +68,20 @@ def _reproduce_command(args: dict[str, Any]) -> str:
     return "hf-tumor train --data_dir DATA " + " ".join(flags)
 
 
-def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardData, dict[str, Any]]:
-    """Card metadata and template variables, all read from the files training and evaluation wrote."""
+def default_dataset_id(repo_id: str) -> str:
+    """Where `hf-tumor push-dataset` puts the audited data by default: beside the model, same owner."""
+    return f"{repo_id.split('/')[0]}/{DATASET_NAME}"
+
+
+def card_inputs(
+    model_dir: str | os.PathLike, repo_id: str, space_id: str | None = None, dataset_id: str | None = None
+) -> tuple[ModelCardData, dict[str, Any]]:
+    """Card metadata and template variables, all read from the files training and evaluation wrote.
+
+    The metadata's dataset is the audited Hub dataset (``dataset_id``, default ``default_dataset_id``),
+    whose ``test`` and ``clean_test`` splits are the ones the figures were measured on.
+    """
+    dataset_id = dataset_id or default_dataset_id(repo_id)
     model_dir = Path(model_dir)
     config = _read_json(model_dir / "config.json")
     args = _read_json(model_dir / "train_args.json")
@@ -93,14 +106,14 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
                 if split == "clean_test" and metric == "f1":
                     continue
                 eval_results.append(EvalResult(
-                    task_type="image-classification", dataset_type=KAGGLE_ID, dataset_name=f"Brain Tumor MRI ({name})",
+                    task_type="image-classification", dataset_type=dataset_id, dataset_name=f"Brain Tumor MRI ({name})",
                     dataset_split=split, metric_type=metric, metric_value=round(value, 4),
                     metric_name=f"{'Accuracy' if metric == 'accuracy' else 'Macro F1'} ({name})",
                 ))
     card_data = ModelCardData(
         library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
         tags=["timm", "medical", "brain-mri", "mri", "image-classification", "hf-tumor"],
-        datasets=[KAGGLE_ID], metrics=["accuracy", "f1"], base_model=base_model,
+        datasets=[dataset_id], metrics=["accuracy", "f1"], base_model=base_model,
         model_name=repo_id.split("/")[-1], eval_results=eval_results,
     )
 
@@ -154,6 +167,8 @@ def card_inputs(model_dir: str | os.PathLike, repo_id: str) -> tuple[ModelCardDa
             "backend": external.get("backend", "?"),
         },
         "model_name": repo_id.split("/")[-1], "repo_id": repo_id, "architecture": architecture,
+        "space_id": space_id, "dataset_id": dataset_id,
+        "healthy_sources": ", ".join(args.get("DataArguments", {}).get("healthy_sources") or []),
         "init_description": origin,
         "class_names": results["class_names"], "image_size": pretrained["input_size"][-1],
         "mean": [round(m, 4) for m in pretrained["mean"]], "std": [round(s, 4) for s in pretrained["std"]],
@@ -189,15 +204,21 @@ def _onnx_rows(model_dir: Path) -> list[dict[str, str]]:
     ]
 
 
-def render_model_card(model_dir: str | os.PathLike, repo_id: str, template: Path = CARD_TEMPLATE) -> ModelCard:
+def render_model_card(
+    model_dir: str | os.PathLike, repo_id: str, space_id: str | None = None, dataset_id: str | None = None,
+    template: Path = CARD_TEMPLATE,
+) -> ModelCard:
     """Render the card template (``CARD_TEMPLATE``) for a model folder and write it there as README.md."""
-    card_data, variables = card_inputs(model_dir, repo_id)
+    card_data, variables = card_inputs(model_dir, repo_id, space_id, dataset_id)
     card = ModelCard.from_template(card_data, template_path=str(template), **variables)
     (Path(model_dir) / "README.md").write_text(str(card))
     return card
 
 
-def package_model(run_dir: str | os.PathLike, dest: str | os.PathLike, repo_id: str, half: bool = True) -> Path:
+def package_model(
+    run_dir: str | os.PathLike, dest: str | os.PathLike, repo_id: str, half: bool = True,
+    space_id: str | None = None, dataset_id: str | None = None,
+) -> Path:
     """Copy what a Hub model repo needs from a training run, weights in fp16 and in timm's key layout.
 
     timm-style keys (no ``timm_model.`` prefix) load in transformers (``from_pretrained``/``pipeline``)
@@ -223,7 +244,7 @@ def package_model(run_dir: str | os.PathLike, dest: str | os.PathLike, repo_id: 
     config = _read_json(dest / "config.json")
     config["dtype"] = "float32"
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    render_model_card(dest, repo_id)
+    render_model_card(dest, repo_id, space_id, dataset_id)
     return dest
 
 
@@ -235,30 +256,89 @@ class PushPlan:
     model_files: list[str]
     space_repo: str | None = None
     space_files: list[str] | None = None
+    model_revision: str | None = None  # the commit of the model upload (None in a dry run)
 
 
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def stage_space(dest: Path, repo_id: str) -> Path:
-    """The Space repo's files: ``space/`` plus the ``hf_tumor`` package it imports, pointed at ``repo_id``."""
-    shutil.copytree(SPACE_DIR, dest, ignore=shutil.ignore_patterns("__pycache__", ".*"), dirs_exist_ok=True)
-    shutil.copytree(REPO_ROOT / "hf_tumor", dest / "hf_tumor", ignore=shutil.ignore_patterns("__pycache__"),
-                    dirs_exist_ok=True)
+def serving_modules(entry: Path = SPACE_DIR / "app.py") -> list[str]:
+    """The ``hf_tumor`` files ``entry`` imports, directly or through each other, read from the source.
+
+    A Space needs these and nothing else: the training stack stays out of it. Parsing (not importing)
+    also finds the imports made inside functions.
+    """
+    package = REPO_ROOT / "hf_tumor"
+    found, todo = {"__init__.py"}, [entry]
+    while todo:
+        for node in ast.walk(ast.parse(todo.pop().read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "hf_tumor" and len(parts) == 2 and (package / f"{parts[1]}.py").is_file():
+                    file = f"{parts[1]}.py"
+                    if file not in found:
+                        found.add(file)
+                        todo.append(package / file)
+    return sorted(found)
+
+
+def space_examples(data_dir: str | os.PathLike) -> dict[str, Path]:
+    """Example slices for the Space: per class, the first Testing slice (by name) with no near-twin in
+    Training, and one photograph that is no MRI (matplotlib's sample of Grace Hopper, public domain).
+
+    Leak-free, so that a visitor does not see the model recite a training image; taken by name, not
+    by what the model says about them.
+    """
+    from matplotlib import cbook
+
+    from hf_tumor.audit import run_audit
+
+    root = Path(data_dir)
+    clean = sorted(run_audit(root)["clean_test"]["paths"])
+    examples: dict[str, Path] = {}
+    for path in map(Path, clean):
+        examples.setdefault(path.parent.name, root / path if not path.is_absolute() else path)
+    examples["not-mri"] = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    return examples
+
+
+def stage_space(dest: Path, repo_id: str, examples: dict[str, Path] | None = None) -> Path:
+    """The Space repo's files: ``space/``, the ``hf_tumor`` modules serving needs (``serving_modules``)
+    and the examples (``examples/<name>.jpg``), pointed at ``repo_id``."""
+    shutil.copytree(SPACE_DIR, dest, ignore=shutil.ignore_patterns("__pycache__", ".*", "examples"), dirs_exist_ok=True)
+    (dest / "hf_tumor").mkdir(exist_ok=True)
+    for name in serving_modules():
+        shutil.copy2(REPO_ROOT / "hf_tumor" / name, dest / "hf_tumor" / name)
+    for name, path in (examples or {}).items():
+        (dest / "examples").mkdir(exist_ok=True)
+        shutil.copy2(path, dest / "examples" / f"{name}{path.suffix.lower()}")
     readme = dest / "README.md"
     if readme.is_file():  # the Spaces header names the model it serves
         readme.write_text(readme.read_text().replace("HF_TUMOR_MODEL_REPO", repo_id))
     return dest
 
 
-def _resolve_token(token: str | None) -> str:
-    from huggingface_hub import get_token
+def hub_client(token: str | None) -> tuple[Any, str]:
+    """An ``HfApi`` with a usable token, and the user it belongs to; a ``PushError`` before anything
+    is uploaded when there is no token or no Hub."""
+    from huggingface_hub import HfApi, get_token
 
     token = token or os.environ.get("HF_TOKEN") or get_token()
     if not token:
         raise PushError("No Hugging Face token: set HF_TOKEN or run `hf auth login`. Nothing was uploaded.")
-    return token
+    api = HfApi(token=token)
+    try:
+        return api, api.whoami()["name"]
+    except Exception as err:
+        raise PushError(f"Cannot use the Hub ({type(err).__name__}); check the network and the token. "
+                        "Nothing was uploaded.") from None
 
 
 def push(
@@ -269,19 +349,24 @@ def push(
     revision: str | None = None,
     dry_run: str | os.PathLike | None = None,
     token: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    dataset_id: str | None = None,
 ) -> PushPlan:
-    """Package ``model_dir`` (fp16 weights, rendered card) and upload it, and ``space/`` with ``space_id``.
+    """Package ``model_dir`` (fp16 weights, rendered card) and upload it, and the Space with ``space_id``
+    (its examples taken from ``data_dir``; ``space_examples``), pinned to the model commit just made.
 
     With ``dry_run`` the exact files are written under ``dry_run/model`` and ``dry_run/space`` and
     nothing touches the network. Token and connectivity are checked before any upload starts.
     """
     import tempfile
 
-    from huggingface_hub import HfApi
-
+    if space_id and data_dir is None:
+        raise PushError("A Space needs its example slices: pass --data_dir DIR (the folder with Testing/). "
+                        "Nothing was uploaded.")
+    examples = space_examples(data_dir) if space_id else None
     with tempfile.TemporaryDirectory(prefix="hf-tumor-push-") as tmp:
-        staged_model = package_model(model_dir, Path(tmp) / "model", repo_id)
-        staged_space = stage_space(Path(tmp) / "space", repo_id) if space_id else None
+        staged_model = package_model(model_dir, Path(tmp) / "model", repo_id, space_id=space_id, dataset_id=dataset_id)
+        staged_space = stage_space(Path(tmp) / "space", repo_id, examples) if space_id else None
         plan = PushPlan(repo_id, _files(staged_model), space_id, _files(staged_space) if staged_space else None)
         if dry_run is not None:
             out = Path(dry_run)
@@ -290,21 +375,19 @@ def push(
                 shutil.copytree(staged_space, out / "space", dirs_exist_ok=True)
             return plan
 
-        api = HfApi(token=_resolve_token(token))
-        try:
-            user = api.whoami()["name"]
-        except Exception as err:
-            raise PushError(f"Cannot use the Hub ({type(err).__name__}); check the network and the token. "
-                            "Nothing was uploaded.") from None
+        api, user = hub_client(token)
         logger.info("pushing as %s to %s", user, repo_id)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, repo_type="model", branch=revision, exist_ok=True)
-        api.upload_folder(folder_path=str(staged_model), repo_id=repo_id, repo_type="model", revision=revision,
-                          allow_patterns=plan.model_files, commit_message="Upload hf-tumor model")
+        commit = api.upload_folder(folder_path=str(staged_model), repo_id=repo_id, repo_type="model", revision=revision,
+                                   allow_patterns=plan.model_files, commit_message="Upload hf-tumor model")
+        plan.model_revision = commit.oid
         if staged_space is not None:
             api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
             api.upload_folder(folder_path=str(staged_space), repo_id=space_id, repo_type="space",
                               commit_message="Upload hf-tumor Space")
             api.add_space_variable(space_id, "HF_TUMOR_MODEL", repo_id)
+            # the Space serves the model it was tested with, not whatever is pushed to the repo later
+            api.add_space_variable(space_id, "HF_TUMOR_REVISION", commit.oid)
     return plan

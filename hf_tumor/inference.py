@@ -32,6 +32,7 @@ logger = logging.getLogger("hf_tumor")
 ONNX_DIR = "onnx"
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_quantized.onnx"}
 PARITY_FILE = "parity.json"  # written by `hf-tumor export`: which ONNX files may be used
+ARGS_FILE = "train_args.json"  # the resolved arguments of a training run, in its model folder
 BACKENDS = ("auto", "onnx-int8", "onnx", "torch")
 FASTEST_FIRST = ("onnx-int8", "onnx")  # docs/benchmarks.md; torch is the fallback of 'auto' only
 MODEL_ENV = "HF_TUMOR_MODEL"

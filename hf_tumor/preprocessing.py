@@ -123,6 +123,11 @@ class AugmentConfig:
     crop_scale: float = field(default=1.0, metadata={"help": "Smallest area kept by the random resized crop (1: no crop, the recipe's)."})
     brightness: float = field(default=0.2, metadata={"help": "Brightness jitter factor (0: none)."})
     contrast: float = field(default=0.2, metadata={"help": "Contrast jitter factor (0: none)."})
+    mri: float = field(
+        default=0.0,
+        metadata={"help": "Probability of each of TorchIO's MRI artefacts (bias field, gamma, blur, resolution loss, "
+                          "noise), applied to the grey image (0: none; needs hf-tumor[train])."},
+    )
 
 
 def create_train_augment(aug: AugmentConfig, image_size: int) -> v2.Compose:
@@ -145,7 +150,37 @@ def create_train_augment(aug: AugmentConfig, image_size: int) -> v2.Compose:
         )
     if aug.brightness > 0 or aug.contrast > 0:
         steps.append(v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
+    if aug.mri > 0:
+        steps.append(MriArtefacts(aug.mri))
     return v2.Compose(steps)
+
+
+class MriArtefacts:
+    """What differs between MRI scanners and protocols, drawn at random with TorchIO: a smooth bias
+    field (coil sensitivity), a gamma (contrast and windowing), blur and resolution loss along one
+    in-plane axis (thick or anisotropic acquisitions), Rician-like noise. Each with probability ``p``.
+
+    TorchIO is the field's library for this (its transforms are the ones MRI papers use); it works on
+    4-D (C, W, H, D) volumes, so a slice goes in as a one-voxel-thick volume. Works on uint8 CHW
+    tensors, as the other training steps do; the image is made grey first (the slices are grey).
+    """
+
+    def __init__(self, p: float):
+        import torchio as tio  # a training dependency only: serving never builds this
+
+        self.transform = tio.Compose([
+            tio.RandomBiasField(coefficients=0.3, order=3, p=p),
+            tio.RandomGamma(log_gamma=(-0.3, 0.3), p=p),
+            tio.RandomBlur(std=(0.0, 1.5), p=p),
+            tio.RandomAnisotropy(axes=(0, 1), downsampling=(1.5, 4.0), p=p),
+            tio.RandomNoise(std=(0.0, 0.04), p=p),
+        ])
+
+    def __call__(self, chw: torch.Tensor) -> torch.Tensor:
+        grey = chw.float().mean(dim=0, keepdim=True) / 255.0  # (1, H, W)
+        out = self.transform(grey.unsqueeze(-1)).squeeze(-1)  # TorchIO takes (C, W, H, D)
+        out = (out.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+        return out.expand(chw.shape[0], -1, -1).contiguous()
 
 
 def augment_array(pixels: np.ndarray, augment: v2.Compose) -> np.ndarray:

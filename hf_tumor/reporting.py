@@ -7,6 +7,9 @@ import csv
 import io
 import json
 import os
+import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +64,40 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return bool(libc.mallopt(-8, arenas))  # -8: M_ARENA_MAX
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to cap
         return False
+
+
+class OutputFolder:
+    """Where the app writes files for download (batch CSVs), swept as it goes and removed at exit.
+
+    Gradio copies a returned file into its own cache (which ``delete_cache`` sweeps), so the file we
+    wrote would otherwise stay in a temporary folder for good, and it names the uploaded files.
+    """
+
+    def __init__(self, max_age_s: float = 600.0):
+        self._folder = tempfile.TemporaryDirectory(prefix="hf-tumor-")  # removed at exit, even on errors
+        self.path = Path(self._folder.name)
+        self.max_age_s = max_age_s
+
+    def write(self, name: str, text: str) -> Path:
+        """Write ``text`` as ``name`` in a fresh sub-folder; first delete what is older than ``max_age_s``."""
+        self.sweep()
+        target = self.path / uuid.uuid4().hex / name
+        target.parent.mkdir()
+        target.write_text(text)
+        return target
+
+    def sweep(self) -> int:
+        """Delete the files (and their sub-folders) older than ``max_age_s``; return how many."""
+        cutoff, removed = time.time() - self.max_age_s, 0
+        for sub in list(self.path.iterdir()):
+            files = list(sub.iterdir()) if sub.is_dir() else [sub]
+            if all(f.stat().st_mtime < cutoff for f in files):
+                for f in files:
+                    f.unlink(missing_ok=True)
+                    removed += 1
+                if sub.is_dir():
+                    sub.rmdir()
+        return removed
+
+    def close(self) -> None:
+        self._folder.cleanup()

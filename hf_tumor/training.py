@@ -24,14 +24,24 @@ import timm
 import torch
 import transformers
 import yaml
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers import EarlyStoppingCallback, EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_tumor.audit import run_audit, train_groups
-from hf_tumor.data import attach_transforms, class_names, collate, iterate_batches, load_splits, resolve_data_dir
-from hf_tumor.evaluation import ARGS_FILE, classification_metrics, evaluate_model
+from hf_tumor.data import (
+    DataError,
+    attach_transforms,
+    cached_rows,
+    class_names,
+    collate,
+    iterate_batches,
+    load_splits,
+    resolve_data_dir,
+)
+from hf_tumor.evaluation import classification_metrics, evaluate_model
+from hf_tumor.inference import ARGS_FILE
 from hf_tumor.model import INIT_CHOICES, create_model, save_model_atomically
 from hf_tumor.plots import plot_training_curves
 from hf_tumor.preprocessing import AugmentConfig, make_pretrained_cfg
@@ -60,6 +70,15 @@ class DataArguments:
     )
     limit_per_class: int | None = field(
         default=None, metadata={"help": "Use only the first N images of each class per split (quick runs, tests)."}
+    )
+    healthy_sources: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Healthy MRI volumes of `hf-tumor external` (e.g. mni152 itk_t1) whose slices, in all three "
+                          "planes from skull base to vertex, join Training as extra notumor examples (needs "
+                          "hf-tumor[external]). `hf-tumor external` then leaves them out of the model's report."},
+    )
+    healthy_per_plane: int = field(
+        default=48, metadata={"help": "Evenly spaced slices per plane and volume taken from --healthy_sources."}
     )
     evaluate_test: bool = field(
         default=True,
@@ -312,9 +331,36 @@ def prepare_data(data_args: DataArguments, model_args: ModelArguments, training_
             groups=groups, limit_per_class=data_args.limit_per_class,
         )
     names = class_names(splits["train"])
+    if data_args.healthy_sources:
+        splits["train"] = add_healthy_slices(splits["train"], data_args, pretrained_cfg)
     logger.info("classes %s; train %d, validation %d, test %d images",
                 names, len(splits["train"]), len(splits["validation"]), len(splits["test"]))
     return PreparedData(data_dir, pretrained_cfg, audit, splits, names)
+
+
+def add_healthy_slices(train: Dataset, data_args: DataArguments, pretrained_cfg: dict[str, Any]) -> Dataset:
+    """Training plus slices of healthy volumes at every level, labelled as the healthy class.
+
+    Trained on the Kaggle folders alone, the model called healthy skull-base, vertex and outer
+    coronal or sagittal slices of other scanners tumours: it had learnt each class's typical level
+    and framing. Slices of whole healthy heads say otherwise. Validation stays Kaggle only, so that
+    it measures what it always has.
+    """
+    from hf_tumor.external import HEALTHY_LABEL, PLANES, build_suite
+
+    names = class_names(train)
+    if HEALTHY_LABEL not in names:
+        raise DataError(f"--healthy_sources needs a {HEALTHY_LABEL!r} class; the classes are {names}")
+    suite = build_suite(data_args.healthy_sources, per_plane={plane: data_args.healthy_per_plane for plane in PLANES})
+    extra = cached_rows(
+        [s.image for s in suite],
+        [f"external:{s.source}/{s.plane}/{s.index:03d}" for s in suite],
+        names.index(HEALTHY_LABEL),
+        train.features,
+        pretrained_cfg,
+    )
+    logger.info("added %d healthy slices of %s as %s training examples", len(extra), ", ".join(data_args.healthy_sources), HEALTHY_LABEL)
+    return concatenate_datasets([train, extra])
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--images", type=int, default=32, help="Distinct test slices to cycle through.")
+    parser.add_argument("--no_heatmaps", action="store_true", help="Ask for answers only, not the heatmap after each.")
     parser.add_argument("--out", help="Output JSON (default: benchmarks/load_{clients}x{seconds}s_{machine}.json).")
     args = parser.parse_args()
     root = resolve_data_dir(args.data_dir)
@@ -34,7 +35,8 @@ def main() -> None:
     except RuntimeError as err:
         sys.exit(str(err))
     try:
-        report = load_test(f"http://127.0.0.1:{port}/", images, args.clients, args.seconds, server.pid)
+        report = load_test(f"http://127.0.0.1:{port}/", images, args.clients, args.seconds, server.pid,
+                           heatmaps=not args.no_heatmaps)
     finally:
         server.terminate()
         server.wait(timeout=30)

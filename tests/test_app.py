@@ -15,11 +15,11 @@ import pytest
 
 from conftest import CLASSES, REPO, real_images
 from hf_tumor.domain import image_checks
-from hf_tumor.explain import GradCamExplainer, overlay
+from hf_tumor.explain import CamExplainer, overlay
 from hf_tumor.image_io import MAX_UPLOAD_BYTES, InputError, read_image
 from hf_tumor.inference import load_predictor
 from hf_tumor.inference import BUNDLED_MODEL
-from hf_tumor.reporting import batch_table, verdict
+from hf_tumor.reporting import OutputFolder, batch_table, verdict
 from hostile_files import BAD, GOOD, build_all
 
 # what the bundled model answers for each readable kind of file: every one is the first meningioma test
@@ -81,7 +81,7 @@ def test_predictions_cam_and_batch_table(trained_model, slice_image, tmp_path):
     prediction = predictor.predict([slice_image.convert("RGB")])[0]
     assert list(prediction.probabilities) == CLASSES
     assert abs(sum(prediction.probabilities.values()) - 1) < 1e-5
-    cam = GradCamExplainer(trained_model).heatmap(predictor.preprocess([slice_image]), CLASSES.index(prediction.label))
+    cam = CamExplainer(trained_model).heatmap(predictor.preprocess([slice_image]), CLASSES.index(prediction.label))
     assert cam.shape == (64, 64) and 0 <= cam.min() and cam.max() <= 1
     blended = overlay(slice_image.convert("RGB"), cam, opacity=0.5)
     shown = slice_image.copy()
@@ -105,6 +105,19 @@ def test_the_verdict_names_the_label_or_the_flags():
     assert "it is blank" in verdict(flagged) and "glioma" not in verdict(flagged)
 
 
+def test_output_folder_sweeps_old_files_and_is_removed_on_close():
+    """The app's downloads (batch CSVs name the uploaded files) do not outlive their use."""
+    outputs = OutputFolder(max_age_s=60)
+    old = outputs.write("predictions.csv", "file,label\nsecret-patient.jpg,glioma\n")
+    assert old.read_text().startswith("file,label") and old.parent.parent == outputs.path
+    os.utime(old, (0, 0))  # made long ago
+    fresh = outputs.write("predictions.csv", "file,label\n")  # writing sweeps what is older than max_age_s
+    assert not old.exists() and not old.parent.exists() and fresh.is_file() and fresh != old
+    assert outputs.sweep() == 0
+    outputs.close()
+    assert not outputs.path.exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,18 +125,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served_app():
-    """The Space's UI, built by space/app.py for the bundled model, served in-process on 127.0.0.1."""
+def served_app(tmp_path_factory):
+    """The Space's UI, built by space/app.py for the bundled model, served in-process on 127.0.0.1, with
+    two real test slices as its examples."""
+    examples = tmp_path_factory.mktemp("examples")
+    for name in ("pituitary", "glioma"):
+        (examples / f"{name}.jpg").symlink_to(real_images("Testing", name, 1)[0])
+    os.environ["HF_TUMOR_EXAMPLES"] = str(examples)
     sys.path.insert(0, str(REPO / "space"))
     from app import build_demo
 
-    demo = build_demo(load_predictor(BUNDLED_MODEL), GradCamExplainer(BUNDLED_MODEL))
+    demo = build_demo(load_predictor(BUNDLED_MODEL), CamExplainer(BUNDLED_MODEL))
     demo.queue(max_size=8, default_concurrency_limit=1)
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 max_file_size=MAX_UPLOAD_BYTES)  # as space/app.py does
     yield f"http://127.0.0.1:{port}/"
     demo.close()
+    os.environ.pop("HF_TUMOR_EXAMPLES")
 
 
 @pytest.mark.slow
@@ -131,9 +150,11 @@ def test_app_over_http(served_app, tmp_path):
     from gradio_client import Client, handle_file
 
     client = Client(served_app, verbose=False)
-    label, _heatmap, message = client.predict(
-        handle_file(str(real_images("Testing", "pituitary", 1)[0])), api_name="/classify")
+    slice_file = handle_file(str(real_images("Testing", "pituitary", 1)[0]))
+    label, message = client.predict(slice_file, api_name="/classify")
     assert message.startswith("Predicted: **pituitary**") and label["label"] == "pituitary"
+    heatmap = client.predict(slice_file, 0.45, api_name="/explain")  # the map comes second, on its own
+    assert np.asarray(PIL.Image.open(heatmap)).shape[2] == 3
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
     with pytest.raises(Exception, match="not an image"):
@@ -167,7 +188,7 @@ def test_every_kind_of_file_through_the_http_api(kind, api_client, hostile):
     from gradio_client import handle_file
 
     if kind in GOOD:
-        _label, _heatmap, message = api_client.predict(handle_file(str(hostile[kind])), api_name="/classify")
+        _label, message = api_client.predict(handle_file(str(hostile[kind])), api_name="/classify")
         assert message.startswith(f"Predicted: **{EXPECTED[kind]}**"), message
     else:
         with pytest.raises(Exception, match=HTTP_MESSAGES.get(kind, BAD[kind][1])):
@@ -178,7 +199,7 @@ def test_every_kind_of_file_through_the_http_api(kind, api_client, hostile):
 def test_still_serving_after_the_hostile_files(api_client):
     from gradio_client import handle_file
 
-    _label, _heatmap, message = api_client.predict(
+    _label, message = api_client.predict(
         handle_file(str(real_images("Testing", "glioma", 1)[0])), api_name="/classify")
     assert message.startswith("Predicted: **glioma**")
 
@@ -187,8 +208,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.mark.slow
-def test_browser_upload_shows_label_and_heatmap(served_app):
-    """A real browser (Debian's chromium driven by Playwright) uploads a slice and sees the result."""
+def test_browser_example_preview_label_and_heatmap(served_app):
+    """A real browser (Debian's chromium driven by Playwright) clicks an example: the slice is shown at
+    once, Classify gives the label, the heatmap follows; then an upload of its own file does the same."""
     if not CHROMIUM.exists():
         if os.environ.get("CI"):
             pytest.fail("chromium is missing: .ci/run installs it (apt-get install chromium)")
@@ -201,17 +223,36 @@ def test_browser_upload_shows_label_and_heatmap(served_app):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page = browser.new_page(viewport={"width": 1280, "height": 1200})
         page.goto(served_app, wait_until="load")
-        page.get_by_role("button", name="Classify", exact=True).wait_for(timeout=60_000)
+        classify = page.get_by_role("button", name="Classify", exact=True)
+        classify.wait_for(timeout=60_000)
+        # images the app serves: the preview of the chosen slice first, then the heatmap
+        served = page.locator("img[src*='/file=']")
+
+        def wait_for_images(n: int) -> None:
+            page.wait_for_function(f"document.querySelectorAll(\"img[src*='/file=']\").length >= {n}", timeout=60_000)
+
+        assert served.count() == 0  # nothing shown before anything is chosen
+        page.get_by_text("glioma.jpg").first.click()  # the example
+        wait_for_images(1)  # shown at once, before any classification
+        assert page.get_by_text("Predicted:").count() == 0
+        classify.click()
+        page.get_by_text("Predicted: glioma").first.wait_for(timeout=60_000)
+        wait_for_images(2)  # the heatmap, after the answer
+        page.get_by_text("About the heatmap").first.wait_for(timeout=5_000)
+        page.screenshot(path=str(artifacts / "app-example.png"), full_page=True)
+
+        shown = served.first.get_attribute("src")
+        page.get_by_role("button", name="Clear").first.click()  # the example goes; the answer with it
         page.locator("input[type=file]").first.set_input_files(str(real_images("Testing", "pituitary", 1)[0]))
-        page.get_by_role("button", name="Classify", exact=True).click()
+        page.wait_for_function("s => (i => i !== null && i.src !== s)(document.querySelector(\"img[src*='/file=']\"))", arg=shown,
+                               timeout=60_000)  # the new slice's preview replaced the old
+        classify.click()
         page.get_by_text("Predicted: pituitary").first.wait_for(timeout=60_000)
-        heatmap = page.locator("img[src*='/file=']").or_(page.locator("img[src^='data:image']"))
-        heatmap.first.wait_for(timeout=30_000)
         page.screenshot(path=str(artifacts / "app-one-slice.png"), full_page=True)
         browser.close()
-    assert (artifacts / "app-one-slice.png").stat().st_size > 10_000
+    assert (artifacts / "app-example.png").stat().st_size > 10_000 and (artifacts / "app-one-slice.png").stat().st_size > 10_000
 
 
 def test_domain_check_on_offline_images():

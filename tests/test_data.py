@@ -173,3 +173,30 @@ def test_numpy_preprocessing_equals_timm_transform(slice_image):
         actual = transform.to_array(image)
         assert actual.dtype == np.float32 and actual.shape == expected.shape
         assert np.array_equal(actual, expected)
+
+
+def test_mri_artefacts_change_a_real_slice_and_keep_it_a_grey_uint8_image(slice_image):
+    """--mri: TorchIO's artefacts on a real slice: same size, grey, uint8; each artefact changes the image,
+    and the off switch leaves the augmentation as it was (no TorchIO step at all)."""
+    import torch
+
+    from hf_tumor.preprocessing import AugmentConfig, MriArtefacts, augment_array, create_train_augment
+
+    pixels = np.array(slice_image.convert("RGB").resize((96, 96)))
+    torch.manual_seed(0)
+    augmented = augment_array(pixels, create_train_augment(AugmentConfig(hflip=0, rotation=0, translate=0, scale=0,
+                                                                         brightness=0, contrast=0, mri=1.0), 96))
+    assert augmented.shape == pixels.shape and augmented.dtype == np.uint8
+    assert (augmented[..., 0] == augmented[..., 1]).all() and (augmented[..., 0] == augmented[..., 2]).all()
+    grey = pixels.mean(axis=2)
+    assert np.abs(augmented[..., 0] - grey).mean() > 2  # changed, but still the same slice:
+    assert np.corrcoef(augmented[..., 0].ravel(), grey.ravel())[0, 1] > 0.6
+    artefacts = MriArtefacts(1.0)
+    for step in artefacts.transform.transforms:  # each one on its own does something
+        alone = MriArtefacts(1.0)
+        alone.transform.transforms = [step]
+        torch.manual_seed(1)
+        out = alone(torch.from_numpy(pixels).permute(2, 0, 1)).numpy()[0]
+        assert np.abs(out.astype(float) - grey).mean() > 0.5, type(step).__name__
+    steps = create_train_augment(AugmentConfig(), 96).transforms
+    assert not any(isinstance(s, MriArtefacts) for s in steps)

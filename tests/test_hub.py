@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import CommitInfo, HfApi, ModelCard
 from transformers import AutoModelForImageClassification
 
-from conftest import BUNDLED_MODEL, CLASSES, REPO, real_images
+from conftest import BUNDLED_MODEL, CLASSES, REPO, SHARED_DATA, real_images
 from hf_tumor.hub import CARD_TEMPLATE, PushError, card_inputs, package_model, push
 
 REPO_ID = "someone/hf-tumor-test"
@@ -39,6 +39,19 @@ def test_the_card_template_ships_in_the_package_and_model_card_md_is_the_bundled
     top_level = REPO / "model_card.md"
     assert top_level.is_symlink() and top_level.resolve() == (BUNDLED_MODEL / "README.md").resolve()
     assert "{{" not in top_level.read_text()
+
+
+def test_card_links_the_space_and_the_dataset_and_says_what_is_out_of_scope():
+    card_data, variables = card_inputs(BUNDLED_MODEL, REPO_ID, space_id="someone/tumor-space", dataset_id="org/audited")
+    text = str(ModelCard.from_template(card_data, template_path=str(CARD_TEMPLATE), **variables))
+    assert "https://huggingface.co/spaces/someone/tumor-space" in text
+    assert card_data.datasets == ["org/audited"]
+    uses = text.split("## Uses", 1)[1].split("\n## ", 1)[0]
+    assert "**Out of scope**: diagnosis" in uses and "**In scope**" in uses
+    bibtex = text.split("```bibtex", 1)[1].split("```", 1)[0]
+    assert bibtex.count("@") == 3 and f"Model {REPO_ID}" in bibtex
+    assert "transformers.js" not in text  # it does not run there (no timm_wrapper model type)
+    assert "huggingface.co/spaces" not in _card_text(BUNDLED_MODEL)
 
 
 def test_card_of_the_bundled_run_says_what_it_did(tmp_path):
@@ -80,6 +93,9 @@ def test_card_metadata_round_trip(packaged, trained_model):
     assert values[("test", "accuracy")] == pytest.approx(results["splits"]["test"]["accuracy"], abs=1e-4)
     assert values[("test", "f1")] == pytest.approx(results["splits"]["test"]["f1_macro"], abs=1e-4)
     assert values[("clean_test", "accuracy")] == pytest.approx(results["splits"]["clean_test"]["accuracy"], abs=1e-4)
+    # the audited dataset on the Hub (`hf-tumor push-dataset`), not a Kaggle slug the Hub cannot resolve
+    assert data.datasets == ["someone/brain-tumor-mri"]
+    assert {r.dataset_type for r in data.eval_results} == {"someone/brain-tumor-mri"}
     text = card.text
     for needle in ("Not a medical device", "How to use", "Training data", "Training procedure", "Evaluation",
                    "Calibration", "Limitations", "How to reproduce", "Citation", f'model="{REPO_ID}"'):
@@ -111,9 +127,12 @@ def test_packaged_weights_are_fp16_and_load_in_fp32_everywhere(packaged, trained
 
 
 @pytest.mark.slow
-def test_dry_run_writes_exactly_what_would_be_uploaded(trained_model, tmp_path):
+def test_dry_run_writes_exactly_what_would_be_uploaded(trained_model, tiny_data, tmp_path):
     assert any(p.name.startswith("checkpoint-") for p in trained_model.iterdir())  # a run folder, checkpoints and all
-    plan = push(trained_model, REPO_ID, space_id="someone/hf-tumor-space", dry_run=tmp_path / "out")
+    with pytest.raises(PushError, match="--data_dir"):
+        push(trained_model, REPO_ID, space_id="someone/hf-tumor-space", dry_run=tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+    plan = push(trained_model, REPO_ID, space_id="someone/hf-tumor-space", dry_run=tmp_path / "out", data_dir=tiny_data)
     model_files = sorted(p.name for p in (tmp_path / "out" / "model").iterdir())
     assert model_files == sorted(plan.model_files)
     assert {"config.json", "model.safetensors", "README.md", "eval_results.json", "confusion_matrix.png"} <= set(model_files)
@@ -137,21 +156,32 @@ class _RecordingApi:
         self.calls.append(("whoami", {}))
         return {"name": "someone"}
 
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        oid = f"{len(self.calls):040d}"
+        url = f"https://huggingface.co/{kwargs['repo_id']}/commit/{oid}"
+        return CommitInfo(commit_url=url, commit_message="", commit_description="", oid=oid)
+
     def __getattr__(self, name):
         def record(*args, **kwargs):
-            self.calls.append((name, kwargs))
+            self.calls.append((name, {**kwargs, "args": args}))
         return record
 
 
-def test_push_uploads_model_and_space_without_leaking_the_token(monkeypatch, caplog, capsys):
+def test_push_uploads_model_and_space_without_leaking_the_token(monkeypatch, caplog, capsys, tiny_data):
     _RecordingApi.calls = []
     monkeypatch.setattr("huggingface_hub.HfApi", _RecordingApi)
     monkeypatch.setenv("HF_TOKEN", "hf_secretTOKEN123")
     with caplog.at_level(logging.DEBUG):
-        push(BUNDLED_MODEL, REPO_ID, space_id="someone/space", revision="v1")
+        plan = push(BUNDLED_MODEL, REPO_ID, space_id="someone/space", revision="v1", data_dir=tiny_data)
     names = [name for name, _ in _RecordingApi.calls]
     assert names == ["whoami", "create_repo", "create_branch", "upload_folder", "create_repo", "upload_folder",
-                     "add_space_variable"]
+                     "add_space_variable", "add_space_variable"]
+    variables = [kw["args"] for name, kw in _RecordingApi.calls if name == "add_space_variable"]
+    # the Space serves the model commit the push made, whatever lands on the model repo later
+    model_commit = f"{names.index('upload_folder') + 1:040d}"
+    assert plan.model_revision == model_commit
+    assert variables == [("someone/space", "HF_TUMOR_MODEL", REPO_ID), ("someone/space", "HF_TUMOR_REVISION", model_commit)]
     kinds = [kw.get("repo_type") for name, kw in _RecordingApi.calls if name == "upload_folder"]
     assert kinds == ["model", "space"]
     model_upload = next(kw for name, kw in _RecordingApi.calls if name == "upload_folder")
@@ -182,3 +212,88 @@ def test_pipeline_on_the_packaged_model(packaged):
     assert classify.model.dtype == torch.float32
     out = classify(str(real_images("Testing", "glioma", 1)[0]), top_k=None)
     assert sorted(s["label"] for s in out) == CLASSES
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_staged_space_runs_as_the_hub_runs_it(tmp_path):
+    """A dry-run push stages the Space; its card obeys the Spaces rules, it holds only serving code and
+    leak-free examples, and its app.py, started from the staged folder with the environment a Space gets,
+    binds 0.0.0.0 and answers /classify on its own examples as the library does."""
+    import importlib.metadata
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import gradio
+    import psutil
+    from gradio_client import Client, handle_file
+    from huggingface_hub import SpaceCard
+
+    from hf_tumor.audit import run_audit
+    from hf_tumor.hub import serving_modules
+    from hf_tumor.inference import load_predictor
+
+    push(BUNDLED_MODEL, REPO_ID, space_id="someone/hf-tumor", dry_run=tmp_path / "out", data_dir=SHARED_DATA)
+    space, model = tmp_path / "out" / "space", tmp_path / "out" / "model"
+    card = SpaceCard.load(space / "README.md").data.to_dict()
+    assert 0 < len(card["short_description"]) <= 60  # the Hub refuses longer ones
+    assert card["sdk"] == "gradio" and card["sdk_version"] == gradio.__version__
+    assert (space / card["app_file"]).is_file()
+    assert card["python_version"] == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert card["models"] == [REPO_ID]
+    for line in (space / "requirements.txt").read_text().splitlines():  # pinned to what is tested here
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            assert importlib.metadata.version(name) == version, line
+    staged = sorted(p.name for p in (space / "hf_tumor").iterdir())
+    assert staged == serving_modules()
+    assert not {"training.py", "data.py", "audit.py", "evaluation.py", "hub.py", "cli.py"} & set(staged)
+    examples = sorted(p.name for p in (space / "examples").iterdir())
+    assert examples == ["glioma.jpg", "meningioma.jpg", "not-mri.jpg", "notumor.jpg", "pituitary.jpg"]
+    clean = {(SHARED_DATA / p).read_bytes() for p in run_audit(SHARED_DATA)["clean_test"]["paths"]
+             if Path(p).parent.name in CLASSES}
+    assert all((space / "examples" / f"{c}.jpg").read_bytes() in clean for c in CLASSES)
+
+    # the staged package is complete: importing the app from the staged folder loads only staged modules
+    probe = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, '.'); import app; print('\\n'.join("
+                            "m.__file__ for n, m in sys.modules.items() if n.startswith('hf_tumor')))"],
+                           cwd=space, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert all(Path(f).resolve().is_relative_to(space.resolve()) for f in probe.stdout.split()), probe.stdout
+
+    port = _free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port), "SPACE_ID": "someone/hf-tumor",
+           "SYSTEM": "spaces", "HF_TUMOR_MODEL": str(model), "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(c.laddr.port == port for c in psutil.Process(server.pid).net_connections()):
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
+            time.sleep(1)
+        listening = [c for c in psutil.Process(server.pid).net_connections() if c.laddr.port == port]
+        assert {c.laddr.ip for c in listening} == {"0.0.0.0"}
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        library = load_predictor(model)
+        for name in ("glioma", "not-mri"):
+            example = space / "examples" / f"{name}.jpg"
+            label, message = client.predict(handle_file(str(example)), api_name="/classify")
+            expected = library.predict_files([example])[0]
+            if expected.trusted:
+                assert label["label"] == expected.label and message.startswith(f"Predicted: **{expected.label}**")
+            else:
+                assert "label" not in label or label["label"] is None
+                assert message.startswith("⚠️")
+        assert not expected.trusted  # the photograph is flagged
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

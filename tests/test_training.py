@@ -35,6 +35,10 @@ PATHS = {("DataArguments", "data_dir"), ("TrainingArguments", "output_dir"), ("T
 # what the bundled file records and the code no longer has: distillation and staged-run lineage
 REMOVED = {("ModelArguments", "teachers"), ("ModelArguments", "distill_alpha"), ("ModelArguments", "distill_temperature"),
            ("earlier_stages",)}
+# options added after the bundled run, with the defaults that leave its recipe as it was (no artefacts, no
+# healthy volumes; the slice count is unused without sources)
+ADDED_OFF = {("AugmentConfig", "mri"): 0.0, ("DataArguments", "healthy_sources"): [],
+             ("DataArguments", "healthy_per_plane"): 48}
 
 
 def resolved_defaults(tmp_path: Path, argv: list[str]) -> dict:
@@ -70,7 +74,7 @@ def test_defaults_are_the_bundled_recipe(tmp_path: Path, monkeypatch):
 
     ours, theirs = fields(mine), fields(bundled)
     assert set(theirs) - set(ours) == REMOVED
-    assert set(ours) - set(theirs) == set()
+    assert {key: ours.pop(key) for key in set(ours) - set(theirs)} == ADDED_OFF
     differing = {key: (ours[key], theirs[key]) for key in ours if ours[key] != theirs[key]}
     assert differing == {}, differing
     assert bundled["TrainingArguments"]["bf16"] is True and mine["TrainingArguments"]["bf16"] is True
@@ -78,19 +82,22 @@ def test_defaults_are_the_bundled_recipe(tmp_path: Path, monkeypatch):
     assert parse_args([])[1].init == "imagenet"
 
 
-def test_the_gpu_config_only_overrides_defaults():
-    values = yaml.safe_load(GPU_CONFIG.read_text())
-    assert values["image_size"] == 256
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_config_files_only_override_defaults(config: Path):
+    """Every file in configs/ parses, names only known arguments, and changes nothing it does not name."""
+    values = yaml.safe_load(config.read_text())
+    assert values, f"{config.name} overrides nothing"
     defaults = parse_args([])
-    from_file = parse_args([str(GPU_CONFIG)])
+    from_file = parse_args([str(config)])
     for default_group, file_group in zip(defaults, from_file):
         for name in (f.name for f in dataclasses.fields(file_group)):
             value = getattr(file_group, name)
             if name in values:
                 assert value == values[name], name
+                assert value != getattr(default_group, name), f"{config.name}: {name} repeats the default"
             elif name != "logging_dir":  # stamped with the time, where transformers has it
                 assert value == getattr(default_group, name), name
-    assert sorted(p.name for p in (REPO / "configs").iterdir()) == ["gpu-256.yaml"]
+    assert yaml.safe_load(GPU_CONFIG.read_text())["image_size"] == 256
 
 
 def test_argument_file_with_overrides(tmp_path):
@@ -373,3 +380,33 @@ def test_bare_loop_control_experiment(tiny_data: Path, tmp_path: Path):
     with pytest.raises(SystemExit, match="already holds a model"):
         cli(["train-bare", *train_args(tiny_data, out)])
     assert (out / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.slow
+def test_healthy_volume_slices_join_training_and_leave_the_external_report(tiny_data: Path, tmp_path: Path, tiny_train_size: int):
+    """--healthy_sources: real slices of a package's healthy volume become notumor training rows (validation
+    untouched), the run records it, and `hf-tumor external` then leaves that source out of the model's report."""
+    pytest.importorskip("dipy")
+    from hf_tumor.external import available_sources, trained_on
+    from hf_tumor.training import main
+
+    flags = ["--healthy_sources", "dipy_s0", "--healthy_per_plane", "3", "--mri", "0.5"]
+    data_args, model_args, _, training_args = parse_args(train_args(tiny_data, tmp_path / "sizes", *flags))
+    splits = prepare_data(data_args, model_args, training_args).splits
+    assert len(splits["train"]) == tiny_train_size + 3  # dipy_s0 is cut axially only
+    extra = splits["train"].select(range(tiny_train_size, tiny_train_size + 3))
+    assert set(extra["label"]) == {CLASSES.index("notumor")}
+    assert all(p.startswith("external:dipy_s0/axial/") for p in extra["path"])
+    assert not any(p.startswith("external:") for p in splits["validation"]["path"])
+
+    out = main(train_args(tiny_data, tmp_path / "run", *flags, "--max_steps", "2", "--evaluate_test", "false"))
+    assert trained_on(out) == ["dipy_s0"]
+    assert json.loads((out / "train_args.json").read_text())["AugmentConfig"]["mri"] == 0.5
+    report_file = tmp_path / "external.json"
+    result = subprocess.run([sys.executable, "-m", "hf_tumor.cli", "external", "--model", str(out), "--backend", "torch",
+                             "--output", str(report_file)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "left out, the model was trained on their slices: dipy_s0" in result.stderr
+    report = json.loads(report_file.read_text())
+    assert report["trained_on"] == ["dipy_s0"]
+    assert sorted(report["sources"]) == sorted(s for s in available_sources() if s != "dipy_s0")
