@@ -214,15 +214,16 @@ def _push_dataset(argv: Sequence[str]) -> int:
     parser.add_argument("--model", help="Model folder whose validation split (fraction, seed) to use and whose "
                                         "leak-free figure the card quotes.")
     parser.add_argument("--model_repo", help="The model's Hub id, for the card's snippet.")
-    parser.add_argument("--validation_fraction", type=float, default=0.05, help="Without --model.")
-    parser.add_argument("--split_seed", type=int, default=7, help="Without --model.")
+    parser.add_argument("--validation_fraction", type=float, help="Without --model (default: the bundled model's).")
+    parser.add_argument("--split_seed", type=int, help="Without --model (default: the bundled model's).")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--dry_run", metavar="OUT", help="Write the files that would be uploaded under OUT; push nothing.")
     args = parser.parse_args(argv)
-    from hf_tumor.hub_dataset import push_dataset
+    from hf_tumor.hub_dataset import DEFAULT_SPLIT_SEED, DEFAULT_VALIDATION_FRACTION, push_dataset
 
     plan = push_dataset(args.data_dir, args.repo_id, args.dry_run, None, args.private, args.model,
-                        args.model_repo, args.validation_fraction, args.split_seed)
+                        args.model_repo, args.validation_fraction or DEFAULT_VALIDATION_FRACTION,
+                        DEFAULT_SPLIT_SEED if args.split_seed is None else args.split_seed)
     action = f"would upload (written under {args.dry_run})" if args.dry_run else "uploaded"
     print(f"{action} to dataset repo {plan.repo_id}: " + ", ".join(f"{s} {n}" for s, n in plan.num_rows.items()))
     return 0

@@ -303,8 +303,8 @@ def space_examples(data_dir: str | os.PathLike) -> dict[str, Path]:
     root = Path(data_dir)
     clean = sorted(run_audit(root)["clean_test"]["paths"])
     examples: dict[str, Path] = {}
-    for path in map(Path, clean):
-        examples.setdefault(path.parent.name, root / path if not path.is_absolute() else path)
+    for path in map(Path, clean):  # relative to the data folder: Testing/<class>/<file>
+        examples.setdefault(path.parent.name, root / path)
     examples["not-mri"] = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     return examples
 
@@ -316,8 +316,9 @@ def stage_space(dest: Path, repo_id: str, examples: dict[str, Path] | None = Non
     (dest / "hf_tumor").mkdir(exist_ok=True)
     for name in serving_modules():
         shutil.copy2(REPO_ROOT / "hf_tumor" / name, dest / "hf_tumor" / name)
-    for name, path in (examples or {}).items():
+    if examples:
         (dest / "examples").mkdir(exist_ok=True)
+    for name, path in (examples or {}).items():
         shutil.copy2(path, dest / "examples" / f"{name}{path.suffix.lower()}")
     readme = dest / "README.md"
     if readme.is_file():  # the Spaces header names the model it serves

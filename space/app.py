@@ -56,14 +56,12 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
     def preview(path: str | None):
         """The upload as the model sees it (a DICOM rendered), shown before anything is classified; the
         previous slice's answer and heatmap are cleared."""
-        cleared = (None, "", None)
-        if path is None:
-            return None, *cleared
+        image = None
         try:
-            return read_image(path), *cleared
+            image = read_image(path) if path is not None else None
         except UserError as err:
             gr.Warning(str(err))
-            return None, *cleared
+        return image, None, "", None
 
     def classify(path: str | None):
         """Label and probabilities from the fast backend; the heatmap follows in its own step."""
