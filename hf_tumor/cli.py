@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
 import json
 import os
 import sys
@@ -11,6 +13,9 @@ from typing import Sequence
 
 from hf_tumor.errors import UserError
 from hf_tumor.inference import BACKENDS
+from hf_tumor.volumes import PLANE_AXIS
+
+PLANES = tuple(PLANE_AXIS)
 
 
 def _evaluate(argv: Sequence[str]) -> int:
@@ -58,31 +63,96 @@ def _audit(argv: Sequence[str]) -> int:
 
 
 def _predict(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hf-tumor predict", description="Classify MRI slice image files.")
-    parser.add_argument("images", nargs="+", help="Image files (JPEG, PNG, DICOM, ...).")
+    parser = argparse.ArgumentParser(
+        prog="hf-tumor predict",
+        description="Classify MRI slice image files, and whole scans: a NIfTI volume (.nii, .nii.gz, .mgz) or a "
+                    "DICOM series (a folder or a .zip) gets one line per slice through the head and a summary.")
+    parser.add_argument("inputs", nargs="+", metavar="FILE",
+                        help="Image files (JPEG, PNG, DICOM, ...), volumes or DICOM series folders / zips.")
     parser.add_argument("--model", help="Model folder or Hub repo id (default: $HF_TUMOR_MODEL, else the bundled model).")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin.")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="auto: the fastest backend whose ONNX parity check passed (see `hf-tumor export`), else torch.")
-    parser.add_argument("--json", action="store_true",
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
                         help="One JSON object per line: path, label, probabilities, flags (reasons to distrust the "
-                             "label; empty when nothing is wrong), error.")
+                             "label; empty when nothing is wrong), error; for a scan also plane, index and level per "
+                             "slice, then one line with its summary.")
+    output.add_argument("--csv", action="store_true",
+                        help="One CSV row per image or slice (label empty where flagged); summaries go to stderr.")
+    parser.add_argument("--plane", default="axial", choices=PLANES, help="Scans: the plane to cut slices along.")
+    parser.add_argument("--volume_index", type=int, help="Scans: the volume to take from a 4-D file (fMRI, diffusion).")
+    parser.add_argument("--series", type=int, help="Scans: the DICOM series to take, numbered as the error lists them.")
     args = parser.parse_args(argv)
     from hf_tumor.inference import default_model, load_predictor
+    from hf_tumor.scan import is_scan
 
     predictor = load_predictor(args.model or default_model(), args.backend, args.revision)
     print(predictor.describe(), file=sys.stderr)
-    predictions = predictor.predict_files(args.images)
+    writer = csv.writer(sys.stdout) if args.csv else None
+    if writer:
+        writer.writerow(["path", "plane", "index", "level", "label", *predictor.class_names, "flags", "error"])
+    failed: list[bool] = []
+    # in the order given: runs of images in batches, each scan on its own
+    for scan, run in itertools.groupby(args.inputs, key=is_scan):
+        if scan:
+            failed += [_predict_scan(predictor, path, args, writer) for path in run]
+        else:
+            failed.append(_predict_images(predictor, list(run), args, writer))
+    return 1 if any(failed) else 0
+
+
+def _predict_images(predictor, paths: list[str], args: argparse.Namespace, writer) -> bool:
+    """Print the images' answers as ``args`` asks; True if any could not be read."""
+    predictions = predictor.predict_files(paths)
     for p in predictions:
         if args.json:
             print(json.dumps(p.to_dict()))
+        elif writer:
+            writer.writerow([p.path, "", "", "", p.label if p.trusted else "",
+                             *(f"{p.probabilities[c]:.4f}" if p.probabilities else "" for c in predictor.class_names),
+                             "; ".join(p.flags), p.error or ""])
         elif p.error:
             print(f"{p.path}: error: {p.error}", file=sys.stderr)
         else:
-            probs = "  ".join(f"{name} {value:.4f}" for name, value in p.probabilities.items())
-            warning = f"  [flagged: {'; '.join(p.flags)}]" if p.flags else ""
-            print(f"{p.path}: {p.label}  ({probs}){warning}")
-    return 1 if any(p.error for p in predictions) else 0
+            print(f"{p.path}: {_answer(p)}")
+    return any(p.error for p in predictions)
+
+
+def _predict_scan(predictor, path: str, args: argparse.Namespace, writer) -> bool:
+    """Print one scan's slices and summary as ``args`` asks; True if it could not be read."""
+    from hf_tumor.scan import format_summary, load_scan, predict_scan
+
+    try:
+        result = predict_scan(predictor, load_scan(path, volume_index=args.volume_index, series=args.series), args.plane)
+    except UserError as err:
+        if args.json:
+            print(json.dumps({"path": path, "error": str(err)}))
+        else:
+            print(f"{path}: error: {err}", file=sys.stderr)
+        return True
+    for s in result.slices:
+        row = s.to_dict()
+        if args.json:
+            print(json.dumps({"path": path, **row, "error": None}))
+        elif writer:
+            writer.writerow([path, row["plane"], row["index"], f"{row['level']:.4f}",
+                             row["label"] if s.prediction.trusted else "",
+                             *(f"{row['probabilities'][c]:.4f}" for c in predictor.class_names), "; ".join(row["flags"]), ""])
+        else:
+            print(f"{path} {row['plane']} {row['index']} (level {row['level']:.2f}): {_answer(s.prediction)}")
+    summary = result.summary()
+    if args.json:
+        print(json.dumps({"path": path, "summary": summary}))
+    else:
+        print(format_summary(summary), file=sys.stderr if writer else sys.stdout)
+    return False
+
+
+def _answer(p) -> str:
+    probs = "  ".join(f"{name} {value:.4f}" for name, value in p.probabilities.items())
+    warning = f"  [flagged: {'; '.join(p.flags)}]" if p.flags else ""
+    return f"{p.label}  ({probs}){warning}"
 
 
 def _external(argv: Sequence[str]) -> int:

@@ -15,27 +15,29 @@ import sys
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # on a Space, hf_tumor/ sits beside this file
 from hf_tumor.errors import UserError  # noqa: E402
 from hf_tumor.explain import MAP_NOTE, CamExplainer, overlay  # noqa: E402
-from hf_tumor.image_io import MAX_UPLOAD_BYTES, read_image  # noqa: E402
+from hf_tumor.image_io import read_image  # noqa: E402
 from hf_tumor.inference import Predictor, load_predictor  # noqa: E402
 from hf_tumor.inference import default_model  # noqa: E402
 from hf_tumor.reporting import OutputFolder, batch_table, limit_malloc_arenas, model_summary, verdict  # noqa: E402
+from hf_tumor.scan import MAX_SCAN_BYTES, PLANES, ScanResult, format_summary, load_scan, predict_scan  # noqa: E402
 
 MODEL_CARD_URL = "https://huggingface.co/{}"
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 KEEP_FILES_S = 600  # uploads and results are deleted this long after they were made
 PRIVACY = (
     f"**Privacy.** Uploads and results are deleted from the server within {KEEP_FILES_S // 60} minutes and "
-    "when it restarts; nothing is logged. Of a DICOM file only the pixels are used: no header value "
-    "(name, IDs, dates) is read out, shown or kept."
+    "when it restarts (a scan's files as soon as they are read); nothing is logged. Of a DICOM file only "
+    "the pixels and their geometry are used: no other header value (name, IDs, dates) is shown or kept."
 )
 
 
 def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
-    """The UI: one slice with probabilities and a heatmap, or many slices as a table and CSV."""
+    """The UI: one slice with probabilities and a heatmap, many slices as a table and CSV, or a whole scan."""
     summary = model_summary(predictor.model_dir)
     card = (MODEL_CARD_URL.format(predictor.source) if not Path(predictor.source).exists()
             else "the model card (README.md in the model folder)")
@@ -89,6 +91,46 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
         _, rows, text = batch_table(predictor.predict_files(paths), predictor.class_names)
         return rows, str(outputs.write("predictions.csv", text))
 
+    def read_scan(paths: list[str] | None):
+        """Read an uploaded volume or series into memory and delete the upload at once (it may hold a
+        patient's DICOM headers); the answers are made from the volume kept in the session."""
+        if not paths:
+            return None, ""
+        try:
+            volume = load_scan(paths, name=Path(paths[0]).name if len(paths) == 1 else "series")
+        except UserError as err:
+            raise gr.Error(str(err)) from None
+        finally:
+            for path in paths:
+                Path(path).unlink(missing_ok=True)
+        shape, zooms = volume.data.shape, " x ".join(f"{z:g}" for z in volume.zooms)
+        return volume, f"Read **{volume.name}**: {' x '.join(map(str, shape))} voxels of {zooms} mm. Classifying..."
+
+    def classify_scan(volume, plane: str):
+        if volume is None:
+            raise gr.Error("Upload a scan first: a NIfTI file, a zipped DICOM series, or the DICOM files of one series.")
+        try:
+            result = predict_scan(predictor, volume, plane)
+        except UserError as err:
+            raise gr.Error(str(err)) from None
+        summary = result.summary()
+        best = max(result.slices, key=lambda s: (s.prediction.trusted, -abs(s.slice.level - 0.5)))
+        first, last = summary["head_indices"]
+        csv_path = outputs.write(f"{Path(volume.name).name.split('.')[0] or 'scan'}-{plane}.csv", result.csv_text())
+        return (f"```\n{format_summary(summary)}\n```", pd.DataFrame(result.plot_rows()),
+                gr.Slider(first, last, value=best.slice.index, step=1, visible=True), str(csv_path), result)
+
+    def show_slice(index: float, opacity: float, result: ScanResult | None):
+        if result is None:
+            return None, ""
+        chosen = min(result.slices, key=lambda s: abs(s.slice.index - index))
+        image, prediction = chosen.slice.image, chosen.prediction
+        text = f"Slice {chosen.slice.index} (level {chosen.slice.level:.2f}): {verdict(prediction)}"
+        if not prediction.trusted:
+            return image, text
+        cam = explainer.heatmap(predictor.preprocess([image]), predictor.class_names.index(prediction.label))
+        return overlay(image, cam, opacity), text
+
     # delete_cache: Gradio's own sweep of the uploads and outputs it keeps
     with gr.Blocks(title="hf-tumor: brain MRI tumor classifier", delete_cache=(KEEP_FILES_S, KEEP_FILES_S)) as demo:
         gr.Markdown(
@@ -127,6 +169,32 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
             table = gr.Dataframe(headers=["file", "label", *predictor.class_names, "note"], label="Predictions")
             csv_file = gr.File(label="CSV")
             run_many.click(classify_many, many, [table, csv_file], api_name="classify_batch")
+        with gr.Tab("Whole scan"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    scan_files = gr.File(file_count="multiple", type="filepath",
+                                         label="A NIfTI volume (.nii, .nii.gz), a zipped DICOM series, or one series' DICOM files")
+                    plane = gr.Radio(list(PLANES), value="axial", label="Cut along")
+                    run_scan = gr.Button("Classify scan", variant="primary")
+                    scan_text = gr.Markdown()
+                    scan_csv = gr.File(label="CSV, one row per slice")
+                with gr.Column(scale=2):
+                    curve = gr.LinePlot(x="slice", y="probability", color="class", y_lim=[0, 1], height=260,
+                                        label="Class probabilities, slice by slice (flagged slices carry no label: see each one)")
+                    slider = gr.Slider(0, 1, step=1, label="Slice", visible=False)
+                    slice_view = gr.Image(label="The slice, with the heatmap of its label", interactive=False, height=360)
+                    slice_text = gr.Markdown()
+                    scan_opacity = gr.Slider(0, 1, value=0.45, step=0.05, label="Heatmap opacity")
+            volume_state = gr.State(time_to_live=KEEP_FILES_S)  # the scan lives in memory, not on disk
+            result_state = gr.State(time_to_live=KEEP_FILES_S)
+            scan_outputs = [scan_text, curve, slider, scan_csv, result_state]
+            scan_files.upload(read_scan, scan_files, [volume_state, scan_text], api_name="read_scan").success(
+                classify_scan, [volume_state, plane], scan_outputs, api_name=False).success(
+                show_slice, [slider, scan_opacity, result_state], [slice_view, slice_text], api_name=False)
+            run_scan.click(classify_scan, [volume_state, plane], scan_outputs, api_name="classify_scan").success(
+                show_slice, [slider, scan_opacity, result_state], [slice_view, slice_text], api_name="show_slice")
+            for control in (slider.release, scan_opacity.release):
+                control(show_slice, [slider, scan_opacity, result_state], [slice_view, slice_text], api_name=False)
         gr.Markdown(PRIVACY)
     return demo
 
@@ -147,7 +215,8 @@ def main() -> None:
     demo = build_demo(predictor, explainer)
     demo.queue(max_size=32, default_concurrency_limit=2)  # bounded: a full queue is refused, not grown
     # host and port left to Gradio: it reads GRADIO_SERVER_NAME and GRADIO_SERVER_PORT (a Space sets 0.0.0.0)
-    demo.launch(max_file_size=MAX_UPLOAD_BYTES, show_error=True)
+    # a slice over image_io's smaller limit is refused by our own reader, with its own message
+    demo.launch(max_file_size=MAX_SCAN_BYTES, show_error=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,214 @@
+"""Read a DICOM series (a folder, a .zip, or the files themselves) into one 3-D volume with its geometry.
+
+A PACS export is a pile of files whose names say nothing about their order. Slices are ordered by
+their position along the slice normal (ImagePositionPatient projected on the cross product of the
+ImageOrientationPatient cosines), the voxel spacing comes from PixelSpacing and the distance between
+positions, and each slice's RescaleSlope/Intercept (or modality LUT) is applied by pydicom. The result
+is a nibabel image in RAS, so :func:`hf_tumor.volumes.volume_from_image` makes it canonical exactly
+as it does a NIfTI file.
+
+Patient data: only geometry and pixel tags are read; no other header value is shown, logged or kept,
+and error messages name neither patients nor files. A zip is read in memory, member by member, never
+extracted, with its sizes checked before anything is decompressed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import nibabel as nib
+import numpy as np
+
+from hf_tumor.volumes import MAX_SIDE, MAX_VOXELS, VolumeError
+
+MAX_FILES = 4096  # far above any MR series (a 1 mm whole head is ~200 files)
+MAX_MEMBER_BYTES = 64 * 2**20  # one uncompressed DICOM slice; a 1024 x 1024 16-bit image is 2 MiB
+MAX_TOTAL_BYTES = 2 * 2**30  # all members of a zip together, uncompressed
+MAX_RATIO = 200  # uncompressed / compressed; DICOM compresses 2-10x, a zip bomb 1000x and more
+IMAGE_TAGS = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+
+
+class SeriesChoiceError(VolumeError):
+    """Several series where one is needed; the message lists them by number, for ``series=``."""
+
+
+@dataclass
+class _Member:
+    """One file of the series: how to open it again for its pixels, and the header read without them."""
+
+    open: Callable[[], io.BufferedIOBase]
+    header: object  # pydicom Dataset, pixel data not read
+
+
+def _folder_members(folder: Path) -> list[Callable[[], io.BufferedIOBase]]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    if len(files) > MAX_FILES:
+        raise VolumeError(f"the folder holds {len(files):,} files; a series has at most {MAX_FILES:,}")
+    return [(lambda p=p: open(p, "rb")) for p in files]
+
+
+def _zip_members(path: Path) -> list[Callable[[], io.BufferedIOBase]]:
+    """Openers for a zip's members, after refusing what could harm: names that leave the archive,
+    too many members, declared sizes or compression ratios no DICOM series has."""
+    try:
+        archive = zipfile.ZipFile(path)
+        infos = [i for i in archive.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise VolumeError(f"not a readable zip archive ({type(error).__name__})") from None
+    if len(infos) > MAX_FILES:
+        raise VolumeError(f"the zip holds {len(infos):,} files; a series has at most {MAX_FILES:,}")
+    for info in infos:
+        name = PurePosixPath(info.filename.replace("\\", "/"))
+        if name.is_absolute() or ".." in name.parts or ":" in info.filename:
+            raise VolumeError("a file name inside the zip points outside the archive (absolute, '..' or a drive); "
+                              "refused")
+        if info.file_size > MAX_MEMBER_BYTES or info.file_size > MAX_RATIO * max(info.compress_size, 1) + 2**16:
+            raise VolumeError("a file inside the zip expands far beyond what a DICOM slice can be "
+                              "(a zip bomb or not a DICOM series); refused before decompressing it")
+    if sum(i.file_size for i in infos) > MAX_TOTAL_BYTES:
+        raise VolumeError(f"the zip expands to over {MAX_TOTAL_BYTES // 2**30} GiB; refused before decompressing it")
+
+    def opener(info: zipfile.ZipInfo) -> Callable[[], io.BufferedIOBase]:
+        def read() -> io.BufferedIOBase:
+            with archive.open(info) as member:
+                data = member.read(info.file_size + 1)  # never more than declared, whatever the stream holds
+            if len(data) > info.file_size:
+                raise VolumeError("a file inside the zip is larger than its header says; refused")
+            return io.BytesIO(data)
+        return read
+
+    return [opener(info) for info in infos]
+
+
+def _headers(openers: Sequence[Callable[[], io.BufferedIOBase]]) -> tuple[list[_Member], int, int]:
+    """The image DICOM files' headers; also how many files were not DICOM and how many held no image."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    members, not_dicom, no_image = [], 0, 0
+    for open_member in openers:
+        try:
+            with open_member() as f:
+                header = pydicom.dcmread(f, stop_before_pixels=True)
+        except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError):
+            not_dicom += 1
+            continue
+        if all(tag in header for tag in IMAGE_TAGS):
+            members.append(_Member(open_member, header))
+        else:
+            no_image += 1  # DICOMDIR, reports, presentation states, or images without geometry
+    return members, not_dicom, no_image
+
+
+def _describe(group: list[_Member]) -> str:
+    h = group[0].header
+    return f"{len(group)} images of {int(h.Rows)} x {int(h.Columns)} ({getattr(h, 'Modality', '') or 'no modality'})"
+
+
+def _choose_series(members: list[_Member], series: int | None) -> list[_Member]:
+    groups: dict[str, list[_Member]] = {}
+    for member in members:
+        groups.setdefault(str(getattr(member.header, "SeriesInstanceUID", "")), []).append(member)
+    ordered = [groups[uid] for uid in sorted(groups)]
+    if series is None and len(ordered) > 1:
+        listing = "; ".join(f"series {n}: {_describe(g)}" for n, g in enumerate(ordered, 1))
+        raise SeriesChoiceError(f"{len(ordered)} DICOM series found ({listing}); choose one with series= "
+                                f"(--series N on the command line)")
+    if series is not None and not 1 <= series <= len(ordered):
+        raise SeriesChoiceError(f"series {series} does not exist: {len(ordered)} series found (numbered from 1)")
+    return ordered[(series or 1) - 1]
+
+
+def _geometry(group: list[_Member]) -> tuple[list[_Member], np.ndarray]:
+    """The slices in order along their normal, and the RAS affine of the stacked (column, row, slice) array."""
+    first = group[0].header
+    rows, columns = int(first.Rows), int(first.Columns)
+    cosines = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+    spacing = np.asarray(first.PixelSpacing, dtype=np.float64)  # (between rows, between columns)
+    for member in group:
+        h = member.header
+        if int(getattr(h, "NumberOfFrames", 1) or 1) > 1:
+            raise VolumeError("an enhanced (multi-frame) DICOM file; convert it to NIfTI first (e.g. with dcm2niix)")
+        if (int(h.Rows), int(h.Columns)) != (rows, columns):
+            raise VolumeError("the images of the series differ in size; it is not one volume")
+        if not np.allclose(np.asarray(h.ImageOrientationPatient, dtype=np.float64), cosines, atol=1e-3):
+            raise VolumeError("the images of the series differ in orientation (a localizer or several stacks); "
+                              "it is not one volume")
+    if max(rows, columns, len(group)) > MAX_SIDE or rows * columns * len(group) > MAX_VOXELS:
+        raise VolumeError(f"{len(group)} images of {rows} x {columns} is implausibly large for an MRI series; "
+                          "refused before reading the pixels")
+    if len(group) < 2:
+        raise VolumeError("the series holds a single image: classify it as a slice, not as a scan")
+    row_cosine, column_cosine = cosines[:3], cosines[3:]
+    normal = np.cross(row_cosine, column_cosine)
+    if not np.isclose(np.linalg.norm(normal), 1, atol=1e-2) or spacing.min() <= 0:
+        raise VolumeError("the series' ImageOrientationPatient or PixelSpacing is not valid geometry")
+    positions = np.array([np.asarray(m.header.ImagePositionPatient, dtype=np.float64) for m in group])
+    order = np.argsort(positions @ normal, kind="stable")
+    group, positions = [group[i] for i in order], positions[order]
+    steps = np.diff(positions @ normal)
+    if steps.min() < 1e-3:
+        raise VolumeError("two images of the series lie at the same position (several echoes or repeats?); "
+                          "it is not one volume")
+    if steps.max() - steps.min() > 0.1 * np.median(steps):
+        raise VolumeError("the images are not evenly spaced along the slice normal (missing files?)")
+    step = (positions[-1] - positions[0]) / (len(group) - 1)
+    # DICOM patient coordinates are LPS; column index i runs along the row cosine, row index j along the column cosine
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_cosine * spacing[1], column_cosine * spacing[0], step, positions[0]
+    return group, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _pixels(member: _Member) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_rescale
+
+    try:
+        with member.open() as f:
+            ds = pydicom.dcmread(f)
+        values = apply_rescale(ds.pixel_array, ds)  # RescaleSlope/Intercept, or the modality LUT
+    except VolumeError:
+        raise
+    except Exception as error:
+        raise VolumeError(f"an image's pixel data cannot be decoded ({type(error).__name__})") from None
+    if values.ndim != 2:
+        raise VolumeError("an image of the series is not a single grey-level frame (colour or multi-frame)")
+    return np.asarray(values, dtype=np.float32).T  # (column, row): the affine's first two axes
+
+
+def read_series(source: str | os.PathLike | Sequence[str | os.PathLike], series: int | None = None,
+                name: str = "") -> nib.Nifti1Image:
+    """A folder, a .zip or a list of DICOM files holding one series, as a RAS nibabel image.
+
+    Files that are not DICOM, or DICOM without an image, are skipped; several series raise
+    :class:`SeriesChoiceError` listing them unless ``series`` (numbered from 1) picks one. Every problem
+    is a :class:`~hf_tumor.volumes.VolumeError` with a message meant for the user.
+    """
+    label = name or "scan"
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if path.is_dir():
+                openers = _folder_members(path)
+            elif path.is_file() and zipfile.is_zipfile(path):
+                openers = _zip_members(path)
+            elif path.is_file():
+                openers = [lambda: open(path, "rb")]
+            else:
+                raise VolumeError("no such file or folder")
+        else:
+            openers = [(lambda p=Path(p): open(p, "rb")) for p in source]
+        members, not_dicom, no_image = _headers(openers)
+        if not members:
+            raise VolumeError(f"no DICOM image found ({not_dicom} files that are not DICOM, {no_image} DICOM files "
+                              "without an image)")
+        group, affine = _geometry(_choose_series(members, series))
+        data = np.stack([_pixels(member) for member in group], axis=2)
+    except VolumeError as error:
+        raise type(error)(f"{label}: {error}") from None
+    return nib.Nifti1Image(data, affine)
