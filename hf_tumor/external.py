@@ -8,7 +8,7 @@ expectations: mid-head axial slices should be called ``notumor``, and no healthy
 confident tumour label that the model's domain check fails to flag.
 
 Only files that arrive with an ordinary install are used, so the suite runs offline and is the same
-on every machine: ``pip install 'hf-tumor[external]'`` (nilearn, dipy, nibabel) and, for the ITK
+on every machine: ``pip install 'hf-tumor[external]'`` (nilearn, dipy; nibabel comes with hf-tumor) and, for the ITK
 volume, ``apt-get install insighttoolkit5-examples`` (Debian/Ubuntu). No fetcher of any of those
 packages is ever called (they download).
 """

@@ -101,7 +101,7 @@ def volume_from_image(
         if volume_index is None:
             raise VolumeError(
                 f"{label}: 4-D image with {shape[3]} volumes (shape {shape}), e.g. fMRI or diffusion; "
-                f"pass volume_index= (0..{shape[3] - 1}) to take one 3-D volume"
+                f"choose one 3-D volume with volume_index= (0..{shape[3] - 1}; --volume_index on the command line)"
             )
         if not -shape[3] <= volume_index < shape[3]:
             raise VolumeError(f"{label}: volume_index={volume_index} is out of range for {shape[3]} volumes")

@@ -15,7 +15,7 @@ def test_predicting_imports_no_training_stack():
     image = real_images("Testing", "glioma", 1)[0]
     code = (
         "import sys\n"
-        "from hf_tumor import domain, explain, inference, reporting\n"
+        "from hf_tumor import domain, explain, inference, reporting, scan\n"
         "predictor = inference.load_predictor(inference.BUNDLED_MODEL, 'onnx-int8')\n"
         f"print(predictor.predict_files([{str(image)!r}])[0].label)\n"
         f"print(sorted(m for m in {TRAINING_STACK!r} if m in sys.modules))\n"
@@ -32,5 +32,5 @@ def test_space_requirements_are_pinned_and_hold_no_training_stack():
     names = {line.split("==")[0].lower() for line in lines}
     assert all("==" in line for line in lines)
     assert not names & {"datasets", "accelerate", "evaluate", "scikit-learn", "matplotlib", "pyyaml"}
-    assert {"torch", "timm", "transformers", "gradio", "onnxruntime", "pydicom"} <= names
+    assert {"torch", "timm", "transformers", "gradio", "onnxruntime", "pydicom", "nibabel"} <= names
     assert "grad-cam" not in names  # the heatmap is computed in torch (hf_tumor.explain)
