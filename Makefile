@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python scripts/bench_app_start.py --model $(MODEL) --data_dir $(DATA)
 	$(BIN)/python scripts/bench_load.py --model $(MODEL) --data_dir $(DATA)
 	$(BIN)/python scripts/bench_ood.py --model $(MODEL) --data_dir $(DATA)
+	$(BIN)/python scripts/bench_scan.py --model $(MODEL)
 
 # Debian packages the tests use: chromium for the browser test (Playwright drives it; it never downloads
 # a browser of its own) and the ITK example data (a head MR volume for the external check).

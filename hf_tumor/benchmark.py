@@ -345,6 +345,75 @@ def ood_report(predictor: Predictor, mri_paths: list[str]) -> dict[str, Any]:
     }
 
 
+def _peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's peak resident memory so far (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+def scan_benchmark(model: str, volume: Path, plane: str = "axial", runs: int = 3) -> dict[str, Any]:
+    """A whole scan, three ways: ``hf-tumor predict`` as a fresh process (wall time, peak memory); reading
+    and classifying in one process (the library's share); and the app's Whole scan endpoints over HTTP
+    (read, classify, one slice with its heatmap; the server's peak memory)."""
+    from gradio_client import Client, handle_file
+
+    from hf_tumor.scan import load_scan, predict_scan
+
+    # the CLI's own main() in a fresh process that reports its peak memory on the way out
+    code = ("import sys; from hf_tumor.cli import main\n"
+            "rc = main(sys.argv[1:])\n"
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr)\n"
+            "sys.exit(rc)")
+    command = [sys.executable, "-c", code, "predict", str(volume), "--model", model, "--plane", plane, "--json"]
+    cli = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        wall = time.perf_counter() - start
+        if out.returncode:
+            raise RuntimeError(f"hf-tumor predict failed: {out.stderr[-2000:]}")
+        slices = sum('"index"' in line for line in out.stdout.splitlines())
+        cli.append({"wall_s": round(wall, 2), "slices": slices, "slices_per_s": round(slices / wall, 1),
+                    "peak_rss_mb": round(int(out.stderr.split()[-1]) / 1024)})
+
+    predictor = load_predictor(model)
+    library = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        loaded = load_scan(volume)
+        read = time.perf_counter() - start
+        result = predict_scan(predictor, loaded, plane)
+        total = time.perf_counter() - start
+        library.append({"read_s": round(read, 3), "classify_s": round(total - read, 3),
+                        "slices_per_s": round(len(result.slices) / (total - read), 1)})
+
+    port = free_port()
+    server, _ = start_app(model, port)
+    app = []
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        for _ in range(runs):
+            start = time.perf_counter()
+            client.predict([handle_file(str(volume))], api_name="/read_scan")
+            read = time.perf_counter() - start
+            _summary, _curve, slider, _csv = client.predict(plane, api_name="/classify_scan")
+            classify = time.perf_counter() - start - read
+            shown_start = time.perf_counter()
+            client.predict(slider["value"], 0.45, api_name="/show_slice")
+            app.append({"upload_and_read_s": round(read, 2), "classify_s": round(classify, 2),
+                        "slices_per_s": round((slider["maximum"] - slider["minimum"] + 1) / classify, 1),
+                        "slice_with_heatmap_s": round(time.perf_counter() - shown_start, 2)})
+        app_peak = round(_peak_rss_mb(server.pid))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    median = lambda rows: {key: statistics.median(r[key] for r in rows) for key in rows[0]}  # noqa: E731
+    return {"model": shown(model), "backend": predictor.backend, "volume": shown(volume), "plane": plane,
+            "shape": list(loaded.data.shape), "voxel_mm": list(loaded.zooms),
+            "cli": {"runs": cli, "median": median(cli)}, "library": {"runs": library, "median": median(library)},
+            "app": {"runs": app, "median": median(app), "server_peak_rss_mb": app_peak}, "machine": machine()}
+
+
 class _PeakRSS:
     """Peak resident memory of this process while the ``with`` block runs (sampled every 20 ms)."""
 

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import nibabel as nib
 import numpy as np
 
-from hf_tumor.volumes import MAX_SIDE, MAX_VOXELS, VolumeError
+from hf_tumor.volumes import MAX_SIDE, MAX_VOXELS, ChoiceNeeded, VolumeError
 
 MAX_FILES = 4096  # far above any MR series (a 1 mm whole head is ~200 files)
 MAX_MEMBER_BYTES = 64 * 2**20  # one uncompressed DICOM slice; a 1024 x 1024 16-bit image is 2 MiB
@@ -33,7 +33,7 @@ MAX_RATIO = 200  # uncompressed / compressed; DICOM compresses 2-10x, a zip bomb
 IMAGE_TAGS = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 
 
-class SeriesChoiceError(VolumeError):
+class SeriesChoiceError(ChoiceNeeded):
     """Several series where one is needed; the message lists them by number, for ``series=``."""
 
 

@@ -153,15 +153,20 @@ def predict_scan(predictor: Predictor, volume: Volume, plane: str = "axial", bat
     return result
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as a few lines of text for the terminal and the app."""
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The summary as a headline and a few short lines, for the terminal and the app."""
     first, last = summary["head_indices"]
     lines = [f"{summary['name']}: {summary['slices']} {summary['plane']} slices through the head (index {first}-{last}), "
              f"voxels {' x '.join(f'{z:g}' for z in summary['voxel_mm'])} mm",
-             f"  {summary['labelled']} labelled, {summary['flagged']} flagged (no label: see each slice's flags)"]
+             f"{summary['labelled']} labelled, {summary['flagged']} flagged (no label: see each slice's flags)"]
     for name, entry in summary["classes"].items():
         if entry["slices"]:
-            lines.append(f"  {name:<11} {entry['slices']:>4} slices ({entry['indices']}), "
+            lines.append(f"{name}: {entry['slices']} slices ({entry['indices']}), "
                          f"highest {entry['max_probability']:.2f} at {entry['at_index']}")
-    lines.append(f"  {DISCLAIMER}")
-    return "\n".join(lines)
+    return [*lines, DISCLAIMER]
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as text: the headline, then one indented line each."""
+    head, *rest = summary_lines(summary)
+    return "\n".join([head, *(f"  {line}" for line in rest)])

@@ -46,6 +46,10 @@ class VolumeError(UserError, ValueError):
     """A file that is not a usable 3-D MRI volume (with a message saying why)."""
 
 
+class ChoiceNeeded(VolumeError):
+    """A file holding several volumes (or series) where one is needed; the message lists the choices."""
+
+
 @dataclass
 class Volume:
     """A 3-D MRI volume in RAS+ canonical orientation.
@@ -99,7 +103,7 @@ def volume_from_image(
         )
     if len(shape) == 4:
         if volume_index is None:
-            raise VolumeError(
+            raise ChoiceNeeded(
                 f"{label}: 4-D image with {shape[3]} volumes (shape {shape}), e.g. fMRI or diffusion; "
                 f"choose one 3-D volume with volume_index= (0..{shape[3] - 1}; --volume_index on the command line)"
             )

@@ -24,10 +24,12 @@ from hf_tumor.image_io import read_image  # noqa: E402
 from hf_tumor.inference import Predictor, load_predictor  # noqa: E402
 from hf_tumor.inference import default_model  # noqa: E402
 from hf_tumor.reporting import OutputFolder, batch_table, limit_malloc_arenas, model_summary, verdict  # noqa: E402
-from hf_tumor.scan import MAX_SCAN_BYTES, PLANES, ScanResult, format_summary, load_scan, predict_scan  # noqa: E402
+from hf_tumor.scan import MAX_SCAN_BYTES, PLANES, ScanResult, load_scan, predict_scan, summary_lines  # noqa: E402
+from hf_tumor.volumes import ChoiceNeeded  # noqa: E402
 
 MODEL_CARD_URL = "https://huggingface.co/{}"
 EXAMPLES = Path(__file__).resolve().parent / "examples"
+CLASS_COLOURS = ("red", "orange", "green", "blue", "purple", "brown")  # in class order
 KEEP_FILES_S = 600  # uploads and results are deleted this long after they were made
 PRIVACY = (
     f"**Privacy.** Uploads and results are deleted from the server within {KEEP_FILES_S // 60} minutes and "
@@ -46,6 +48,7 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
                if summary else "see the model card")
 
     outputs = OutputFolder(max_age_s=KEEP_FILES_S)
+    colours = dict(zip(predictor.class_names, CLASS_COLOURS))  # named in the plot's label: its legend can be cut off
 
     def read(path: str | None):
         if path is None:
@@ -95,16 +98,19 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
         """Read an uploaded volume or series into memory and delete the upload at once (it may hold a
         patient's DICOM headers); the answers are made from the volume kept in the session."""
         if not paths:
-            return None, ""
+            return None, None, ""
         try:
             volume = load_scan(paths, name=Path(paths[0]).name if len(paths) == 1 else "series")
+        except ChoiceNeeded as err:
+            raise gr.Error(f"{err}. The app takes one 3-D volume or one DICOM series per upload: upload that one "
+                           "alone.") from None
         except UserError as err:
             raise gr.Error(str(err)) from None
         finally:
             for path in paths:
                 Path(path).unlink(missing_ok=True)
         shape, zooms = volume.data.shape, " x ".join(f"{z:g}" for z in volume.zooms)
-        return volume, f"Read **{volume.name}**: {' x '.join(map(str, shape))} voxels of {zooms} mm. Classifying..."
+        return None, volume, f"Read **{volume.name}**: {' x '.join(map(str, shape))} voxels of {zooms} mm. Classifying..."
 
     def classify_scan(volume, plane: str):
         if volume is None:
@@ -117,7 +123,8 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
         best = max(result.slices, key=lambda s: (s.prediction.trusted, -abs(s.slice.level - 0.5)))
         first, last = summary["head_indices"]
         csv_path = outputs.write(f"{Path(volume.name).name.split('.')[0] or 'scan'}-{plane}.csv", result.csv_text())
-        return (f"```\n{format_summary(summary)}\n```", pd.DataFrame(result.plot_rows()),
+        head, *rest = summary_lines(summary)
+        return ("\n".join([f"**{head}**", "", *(f"- {line}" for line in rest)]), pd.DataFrame(result.plot_rows()),
                 gr.Slider(first, last, value=best.slice.index, step=1, visible=True), str(csv_path), result)
 
     def show_slice(index: float, opacity: float, result: ScanResult | None):
@@ -173,14 +180,16 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1):
                     scan_files = gr.File(file_count="multiple", type="filepath",
-                                         label="A NIfTI volume (.nii, .nii.gz), a zipped DICOM series, or one series' DICOM files")
+                                         label="A NIfTI volume (.nii, .nii.gz), a zipped DICOM series, or one series' DICOM files",
+                                         elem_id="scan-upload")
                     plane = gr.Radio(list(PLANES), value="axial", label="Cut along")
                     run_scan = gr.Button("Classify scan", variant="primary")
                     scan_text = gr.Markdown()
                     scan_csv = gr.File(label="CSV, one row per slice")
                 with gr.Column(scale=2):
-                    curve = gr.LinePlot(x="slice", y="probability", color="class", y_lim=[0, 1], height=260,
-                                        label="Class probabilities, slice by slice (flagged slices carry no label: see each one)")
+                    curve = gr.LinePlot(x="slice", y="probability", color="class", y_lim=[0, 1], height=320,
+                                        color_map=colours, label="Class probabilities by slice: " + ", ".join(
+                                            f"{c} {name}" for name, c in colours.items()) + " (flagged slices carry no label)")
                     slider = gr.Slider(0, 1, step=1, label="Slice", visible=False)
                     slice_view = gr.Image(label="The slice, with the heatmap of its label", interactive=False, height=360)
                     slice_text = gr.Markdown()
@@ -188,13 +197,13 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
             volume_state = gr.State(time_to_live=KEEP_FILES_S)  # the scan lives in memory, not on disk
             result_state = gr.State(time_to_live=KEEP_FILES_S)
             scan_outputs = [scan_text, curve, slider, scan_csv, result_state]
-            scan_files.upload(read_scan, scan_files, [volume_state, scan_text], api_name="read_scan").success(
-                classify_scan, [volume_state, plane], scan_outputs, api_name=False).success(
-                show_slice, [slider, scan_opacity, result_state], [slice_view, slice_text], api_name=False)
-            run_scan.click(classify_scan, [volume_state, plane], scan_outputs, api_name="classify_scan").success(
-                show_slice, [slider, scan_opacity, result_state], [slice_view, slice_text], api_name="show_slice")
-            for control in (slider.release, scan_opacity.release):
-                control(show_slice, [slider, scan_opacity, result_state], [slice_view, slice_text], api_name=False)
+            view = dict(fn=show_slice, inputs=[slider, scan_opacity, result_state], outputs=[slice_view, slice_text])
+            # the upload is cleared once read: the server deleted it, the volume is kept in the session
+            scan_files.upload(read_scan, scan_files, [scan_files, volume_state, scan_text], api_name="read_scan").success(
+                classify_scan, [volume_state, plane], scan_outputs, api_name=False).success(**view, api_name=False)
+            gr.on([run_scan.click, plane.input], classify_scan, [volume_state, plane], scan_outputs,
+                  api_name="classify_scan").success(**view, api_name="show_slice")
+            gr.on([slider.input, scan_opacity.input], **view, api_name=False, trigger_mode="always_last")
         gr.Markdown(PRIVACY)
     return demo
 

@@ -101,3 +101,22 @@ def test_bench_app_start_measures_a_fresh_app(trained_model: Path, tiny_data: Pa
     run = report["runs"][0]
     assert run["ready_s"] > 0 and run["first_classify_s"] > 0 and run["rss_mb_ready"] > 100
     assert report["median"]["ready_s"] == run["ready_s"]
+
+
+def test_bench_scan_measures_the_cli_the_library_and_the_app(tmp_path: Path):
+    nib = pytest.importorskip("nibabel")
+    pytest.importorskip("nilearn")
+    from hf_tumor.external import SOURCES
+
+    img = nib.load(SOURCES["mni152"].path())  # a 2 mm copy keeps the test quick; the benchmark runs at 1 mm
+    small = nib.Nifti1Image(img.get_fdata(dtype="float32")[::2, ::2, ::2], img.affine @ [[2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]])
+    nib.save(small, tmp_path / "head.nii.gz")
+    out = tmp_path / "scan.json"
+    run_script("bench_scan.py", "--volume", str(tmp_path / "head.nii.gz"), "--runs", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["shape"] == list(small.shape) and report["voxel_mm"] == [2.0, 2.0, 2.0]
+    slices = report["cli"]["median"]["slices"]
+    assert 40 < slices <= small.shape[2]  # the slices through the head, not the empty ones
+    assert report["app"]["median"]["slices_per_s"] > 0 and report["app"]["server_peak_rss_mb"] > 100
+    assert report["library"]["median"]["classify_s"] > 0 and report["cli"]["median"]["peak_rss_mb"] > 100
+    assert report["machine"]["kind"] == machine_kind()
