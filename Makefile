@@ -1,6 +1,6 @@
 # hf-tumor: `make app` (set up, serve the bundled model), `make test` (set up, run the tests),
 # `make test-fast` (the tests that train nothing), `make train` (train and evaluate the recipe),
-# `make export`, `make external`, `make bench`.
+# `make export`, `make external`, `make web` (the model in the browser), `make bench`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ OUT ?= runs/reference
 # The torch build this project is tested with; override for another CUDA/CPU build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup train test test-fast app export external bench system-deps clean
+.PHONY: setup train test test-fast app export external web web-serve bench system-deps clean
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,14 @@ export: setup
 external: setup system-deps
 	$(BIN)/hf-tumor external --model $(MODEL)
 
+# The in-browser page in web/dist: the page, ONNX Runtime Web from the npm registry (web/package-lock.json)
+# and the model's int8 file; web-serve also serves it, cross-origin isolated, at http://127.0.0.1:8000.
+web: setup
+	$(BIN)/python scripts/build_web.py --model $(MODEL) --out web/dist
+
+web-serve: setup
+	$(BIN)/python scripts/build_web.py --model $(MODEL) --out web/dist --serve 8000
+
 # Every benchmark, on an idle machine; each writes benchmarks/{measure}_{detail}_{machine kind}.json.
 bench: setup
 	$(BIN)/python scripts/bench_inference.py --model $(MODEL) --data_dir $(DATA)
@@ -58,9 +66,12 @@ bench: setup
 	$(BIN)/python scripts/bench_load.py --model $(MODEL) --data_dir $(DATA)
 	$(BIN)/python scripts/bench_ood.py --model $(MODEL) --data_dir $(DATA)
 	$(BIN)/python scripts/bench_scan.py --model $(MODEL)
+	$(BIN)/python scripts/bench_web.py --model $(MODEL) --data_dir $(DATA)
 
-# Debian packages the tests use: chromium for the browser test (Playwright drives it; it never downloads
-# a browser of its own) and the ITK example data (a head MR volume for the external check).
+# Debian packages the tests use: chromium for the browser tests (Playwright drives it; it never downloads
+# a browser of its own), the ITK example data (a head MR volume for the external check) and npm (the
+# in-browser page's runtime comes from the npm registry).
 system-deps:
-	@command -v chromium >/dev/null && [ -d /usr/share/doc/insighttoolkit5-examples ] || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium insighttoolkit5-examples)
+	@command -v chromium >/dev/null && command -v npm >/dev/null && [ -d /usr/share/doc/insighttoolkit5-examples ] || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium insighttoolkit5-examples \
+	   $$(command -v npm >/dev/null || echo npm))

@@ -414,6 +414,29 @@ def scan_benchmark(model: str, volume: Path, plane: str = "axial", runs: int = 3
             "app": {"runs": app, "median": median(app), "server_peak_rss_mb": app_peak}, "machine": machine()}
 
 
+def web_benchmark(model: str, images: list[Path]) -> dict[str, Any]:
+    """The in-browser page in headless Chromium: its download size, the model's load, the first slice
+    (load included) and the steady per-slice latency, on ``images`` dropped on the page at once."""
+    from hf_tumor.web import build_web, classify_in_browser, serve
+
+    with tempfile.TemporaryDirectory(prefix="hf-tumor-web-") as tmp:
+        files = build_web(tmp, Path(model))
+        server = serve(tmp, port=0)
+        try:
+            state = classify_in_browser(f"http://127.0.0.1:{server.server_address[1]}/", images)
+        finally:
+            server.shutdown()
+        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in files}
+    slices = state["timings"]["slices"]
+    load = state["timings"]["modelLoadMs"]
+    return {"model": shown(model), "images": len(images), "download_mb": round(sum(sizes.values()) / 2**20, 1),
+            "files_bytes": sizes, "threads": state["threads"], "cross_origin_isolated": state["isolated"],
+            "model_load_ms": round(load), "first_slice_ms_with_model_load": round(load + slices[0]),
+            "first_slice_ms": round(slices[0]), "steady_ms_median": round(statistics.median(slices[1:]), 1),
+            "steady_ms_p95": round(float(np.percentile(slices[1:], 95)), 1), "errors": sum("error" in r for r in state["results"]),
+            "machine": machine()}
+
+
 class _PeakRSS:
     """Peak resident memory of this process while the ``with`` block runs (sampled every 20 ms)."""
 

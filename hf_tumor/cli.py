@@ -249,6 +249,8 @@ def _push(argv: Sequence[str]) -> int:
     parser.add_argument("--model", required=True, help="Model folder written by training and evaluation.")
     parser.add_argument("--repo_id", required=True, help="Model repo, USER/NAME.")
     parser.add_argument("--space_id", help="Also upload space/ as a Gradio Space USER/SPACE serving the model.")
+    parser.add_argument("--web_space_id", help="Also upload the in-browser page (web/, with the int8 model) as a "
+                                               "static Space USER/SPACE; needs npm.")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", help="Branch to push the model to (created if missing).")
     parser.add_argument("--dry_run", metavar="OUT", help="Write the files that would be uploaded under OUT; push nothing.")
@@ -263,13 +265,16 @@ def _push(argv: Sequence[str]) -> int:
 
     data_dir = args.data_dir or os.environ.get(DATA_ENV)
     plan = push(args.model, args.repo_id, args.space_id, args.private, args.revision, args.dry_run, data_dir=data_dir,
-                dataset_id=args.dataset_id)
+                dataset_id=args.dataset_id, web_space_id=args.web_space_id)
     action = f"would upload (written under {args.dry_run})" if args.dry_run else "uploaded"
     print(f"{action} to model repo {plan.model_repo}: {', '.join(plan.model_files)}")
     if plan.model_revision:
         print(f"model commit {plan.model_revision}")
     if plan.space_repo:
         print(f"{action} to Space {plan.space_repo} (serving that commit): {len(plan.space_files or [])} files")
+    if plan.web_space_repo:
+        print(f"{action} to static Space {plan.web_space_repo} (the model in the browser): "
+              f"{len(plan.web_space_files or [])} files")
     return 0
 
 

@@ -74,7 +74,8 @@ def default_dataset_id(repo_id: str) -> str:
 
 
 def card_inputs(
-    model_dir: str | os.PathLike, repo_id: str, space_id: str | None = None, dataset_id: str | None = None
+    model_dir: str | os.PathLike, repo_id: str, space_id: str | None = None, dataset_id: str | None = None,
+    web_space_id: str | None = None,
 ) -> tuple[ModelCardData, dict[str, Any]]:
     """Card metadata and template variables, all read from the files training and evaluation wrote.
 
@@ -167,7 +168,7 @@ def card_inputs(
             "backend": external.get("backend", "?"),
         },
         "model_name": repo_id.split("/")[-1], "repo_id": repo_id, "architecture": architecture,
-        "space_id": space_id, "dataset_id": dataset_id,
+        "space_id": space_id, "dataset_id": dataset_id, "web_space_id": web_space_id,
         "healthy_sources": ", ".join(args.get("DataArguments", {}).get("healthy_sources") or []),
         "init_description": origin,
         "class_names": results["class_names"], "image_size": pretrained["input_size"][-1],
@@ -206,10 +207,10 @@ def _onnx_rows(model_dir: Path) -> list[dict[str, str]]:
 
 def render_model_card(
     model_dir: str | os.PathLike, repo_id: str, space_id: str | None = None, dataset_id: str | None = None,
-    template: Path = CARD_TEMPLATE,
+    template: Path = CARD_TEMPLATE, web_space_id: str | None = None,
 ) -> ModelCard:
     """Render the card template (``CARD_TEMPLATE``) for a model folder and write it there as README.md."""
-    card_data, variables = card_inputs(model_dir, repo_id, space_id, dataset_id)
+    card_data, variables = card_inputs(model_dir, repo_id, space_id, dataset_id, web_space_id)
     card = ModelCard.from_template(card_data, template_path=str(template), **variables)
     (Path(model_dir) / "README.md").write_text(str(card))
     return card
@@ -217,7 +218,7 @@ def render_model_card(
 
 def package_model(
     run_dir: str | os.PathLike, dest: str | os.PathLike, repo_id: str, half: bool = True,
-    space_id: str | None = None, dataset_id: str | None = None,
+    space_id: str | None = None, dataset_id: str | None = None, web_space_id: str | None = None,
 ) -> Path:
     """Copy what a Hub model repo needs from a training run, weights in fp16 and in timm's key layout.
 
@@ -244,7 +245,7 @@ def package_model(
     config = _read_json(dest / "config.json")
     config["dtype"] = "float32"
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    render_model_card(dest, repo_id, space_id, dataset_id)
+    render_model_card(dest, repo_id, space_id, dataset_id, web_space_id=web_space_id)
     return dest
 
 
@@ -257,6 +258,8 @@ class PushPlan:
     space_repo: str | None = None
     space_files: list[str] | None = None
     model_revision: str | None = None  # the commit of the model upload (None in a dry run)
+    web_space_repo: str | None = None
+    web_space_files: list[str] | None = None
 
 
 def _files(folder: Path) -> list[str]:
@@ -326,6 +329,16 @@ def stage_space(dest: Path, repo_id: str, examples: dict[str, Path] | None = Non
     return dest
 
 
+def stage_web_space(dest: Path, model_dir: Path, repo_id: str) -> Path:
+    """The static Space of the in-browser page: the page with its runtime and the int8 model
+    (``hf_tumor.web.build_web``) and its card, pointed at ``repo_id``."""
+    from hf_tumor.web import WEB_DIR, build_web
+
+    build_web(dest, model_dir)
+    (dest / "README.md").write_text((WEB_DIR / "README.md").read_text().replace("HF_TUMOR_MODEL_REPO", repo_id))
+    return dest
+
+
 def hub_client(token: str | None) -> tuple[Any, str]:
     """An ``HfApi`` with a usable token, and the user it belongs to; a ``PushError`` before anything
     is uploaded when there is no token or no Hub."""
@@ -352,12 +365,15 @@ def push(
     token: str | None = None,
     data_dir: str | os.PathLike | None = None,
     dataset_id: str | None = None,
+    web_space_id: str | None = None,
 ) -> PushPlan:
-    """Package ``model_dir`` (fp16 weights, rendered card) and upload it, and the Space with ``space_id``
-    (its examples taken from ``data_dir``; ``space_examples``), pinned to the model commit just made.
+    """Package ``model_dir`` (fp16 weights, rendered card) and upload it, the Space with ``space_id``
+    (its examples taken from ``data_dir``; ``space_examples``), pinned to the model commit just made,
+    and the static in-browser page with ``web_space_id``.
 
-    With ``dry_run`` the exact files are written under ``dry_run/model`` and ``dry_run/space`` and
-    nothing touches the network. Token and connectivity are checked before any upload starts.
+    With ``dry_run`` the exact files are written under ``dry_run/model``, ``dry_run/space`` and
+    ``dry_run/web`` and nothing touches the network. Token and connectivity are checked before any
+    upload starts.
     """
     import tempfile
 
@@ -366,14 +382,17 @@ def push(
                         "Nothing was uploaded.")
     examples = space_examples(data_dir) if space_id else None
     with tempfile.TemporaryDirectory(prefix="hf-tumor-push-") as tmp:
-        staged_model = package_model(model_dir, Path(tmp) / "model", repo_id, space_id=space_id, dataset_id=dataset_id)
+        staged_model = package_model(model_dir, Path(tmp) / "model", repo_id, space_id=space_id, dataset_id=dataset_id,
+                                     web_space_id=web_space_id)
         staged_space = stage_space(Path(tmp) / "space", repo_id, examples) if space_id else None
-        plan = PushPlan(repo_id, _files(staged_model), space_id, _files(staged_space) if staged_space else None)
+        staged_web = stage_web_space(Path(tmp) / "web", Path(model_dir), repo_id) if web_space_id else None
+        plan = PushPlan(repo_id, _files(staged_model), space_id, _files(staged_space) if staged_space else None,
+                        web_space_repo=web_space_id, web_space_files=_files(staged_web) if staged_web else None)
         if dry_run is not None:
             out = Path(dry_run)
-            shutil.copytree(staged_model, out / "model", dirs_exist_ok=True)
-            if staged_space is not None:
-                shutil.copytree(staged_space, out / "space", dirs_exist_ok=True)
+            for name, staged in (("model", staged_model), ("space", staged_space), ("web", staged_web)):
+                if staged is not None:
+                    shutil.copytree(staged, out / name, dirs_exist_ok=True)
             return plan
 
         api, user = hub_client(token)
@@ -391,4 +410,8 @@ def push(
             api.add_space_variable(space_id, "HF_TUMOR_MODEL", repo_id)
             # the Space serves the model it was tested with, not whatever is pushed to the repo later
             api.add_space_variable(space_id, "HF_TUMOR_REVISION", commit.oid)
+        if staged_web is not None:
+            api.create_repo(web_space_id, repo_type="space", space_sdk="static", private=private, exist_ok=True)
+            api.upload_folder(folder_path=str(staged_web), repo_id=web_space_id, repo_type="space",
+                              commit_message="Upload hf-tumor in-browser page")
     return plan

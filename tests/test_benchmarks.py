@@ -11,7 +11,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-from conftest import REPO, real_images
+from conftest import REPO, SHARED_DATA, real_images
 from hf_tumor.runtime import CPU_FEATURES, bf16_available, machine_kind
 
 pytestmark = pytest.mark.slow
@@ -120,3 +120,16 @@ def test_bench_scan_measures_the_cli_the_library_and_the_app(tmp_path: Path):
     assert report["app"]["median"]["slices_per_s"] > 0 and report["app"]["server_peak_rss_mb"] > 100
     assert report["library"]["median"]["classify_s"] > 0 and report["cli"]["median"]["peak_rss_mb"] > 100
     assert report["machine"]["kind"] == machine_kind()
+
+
+def test_bench_web_measures_the_page(tmp_path: Path):
+    import shutil
+
+    if shutil.which("npm") is None or not Path("/usr/bin/chromium").exists():
+        pytest.skip("npm and chromium are needed (make system-deps)")
+    out = tmp_path / "web.json"
+    run_script("bench_web.py", "--images", "6", "--data_dir", str(SHARED_DATA), "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["images"] == 6 and report["errors"] == 0
+    assert report["first_slice_ms_with_model_load"] > report["first_slice_ms"] > 0 and report["steady_ms_median"] > 0
+    assert report["download_mb"] > 20 and "model/model_quantized.onnx" in report["files_bytes"]

@@ -1,0 +1,116 @@
+"""The model in the browser: assemble the static page of ``web/`` with its runtime and a model, and serve it.
+
+The page (``web/index.html``, ``app.js``, ``preprocess.js``) runs the int8 ONNX file with ONNX Runtime
+Web. Its runtime comes from the npm registry at build time (``web/package-lock.json`` pins it, with
+its checksum), never from a CDN, so the assembled folder holds everything the page loads and the page
+asks no origin but its own. Threads need cross-origin isolation, which :func:`serve` (and the static
+Space's ``custom_headers``) provide.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from hf_tumor.errors import UserError
+from hf_tumor.inference import ONNX_DIR, ONNX_FILES, passed_backends
+
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+PAGE_FILES = ("index.html", "app.js", "preprocess.js")
+RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
+
+
+class WebBuildError(UserError, RuntimeError):
+    """The page cannot be assembled; the message says what is missing."""
+
+
+def runtime_dir(web_dir: Path = WEB_DIR) -> Path:
+    """ONNX Runtime Web's ``dist`` folder, installed from the npm registry by ``npm ci`` (lock file pinned)."""
+    dist = web_dir / "node_modules" / "onnxruntime-web" / "dist"
+    locked = json.loads((web_dir / "package-lock.json").read_text())["packages"]["node_modules/onnxruntime-web"]["version"]
+    installed = dist.parent / "package.json"
+    if not installed.is_file() or json.loads(installed.read_text())["version"] != locked:
+        npm = shutil.which("npm")
+        if npm is None:
+            raise WebBuildError("npm is needed to fetch ONNX Runtime Web from the npm registry: install Node.js "
+                                "(apt-get install nodejs npm)")
+        # --ignore-scripts: the page needs the package's files, not its install hooks
+        result = subprocess.run([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=web_dir,
+                                capture_output=True, text=True, timeout=900)
+        if result.returncode:
+            raise WebBuildError(f"npm ci failed in {web_dir}: {result.stderr.strip()[-1500:]}")
+    return dist
+
+
+def build_web(dest: str | os.PathLike, model_dir: str | os.PathLike, web_dir: Path = WEB_DIR) -> list[Path]:
+    """Assemble the page in ``dest``: its files, the runtime, and ``model/`` (config and the int8 file,
+    which must have passed its parity check). Returns the files written."""
+    model_dir, dest = Path(model_dir), Path(dest)
+    if "onnx-int8" not in passed_backends(model_dir):
+        raise WebBuildError(f"{model_dir} has no int8 ONNX file that passed its parity check: run "
+                            f"`hf-tumor export --model {model_dir} --quantize int8` first")
+    dist = runtime_dir(web_dir)
+    sources = {name: web_dir / name for name in PAGE_FILES} | {name: dist / name for name in RUNTIME_FILES}
+    int8 = ONNX_FILES["onnx-int8"]
+    sources |= {"model/config.json": model_dir / "config.json", f"model/{int8}": model_dir / ONNX_DIR / int8}
+    written = []
+    for name, source in sources.items():
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        written.append(target)
+    return written
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Static files with the cross-origin isolation headers (threads in WASM) and no request log."""
+
+    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript", ".wasm": "application/wasm"}
+
+    def end_headers(self) -> None:
+        for key, value in ISOLATION_HEADERS.items():
+            self.send_header(key, value)
+        self.send_header("Cache-Control", "no-cache")
+        super().end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve(directory: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """Serve ``directory`` on host:port in a background thread, cross-origin isolated; ``.shutdown()`` stops it."""
+    server = ThreadingHTTPServer((host, port), functools.partial(_Handler, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def classify_in_browser(url: str, files: list[Path], chromium: str = "/usr/bin/chromium",
+                        timeout_s: float = 600) -> dict:
+    """Open the served page in headless Chromium (Playwright), drop ``files`` on it as a user would, and
+    return what it answered (``results``), its timings, whether it was cross-origin isolated, and every
+    URL it requested."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(url, wait_until="load")
+            page.wait_for_function("window.hfTumor && window.hfTumor.ready", timeout=timeout_s * 1000)
+            page.locator("#files").set_input_files([str(f) for f in files])
+            page.wait_for_function(f"window.hfTumor.results.length >= {len(files)}", timeout=timeout_s * 1000)
+            state = page.evaluate("({results: window.hfTumor.results, timings: window.hfTumor.timings, "
+                                  "threads: window.hfTumor.threads, isolated: self.crossOriginIsolated, "
+                                  "table_rows: document.querySelectorAll('#results tbody tr').length})")
+        finally:
+            browser.close()
+    return state | {"requested": requested}
