@@ -46,10 +46,13 @@ class _Member:
 
 
 def _folder_members(folder: Path) -> list[Callable[[], io.BufferedIOBase]]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-    if len(files) > MAX_FILES:
-        raise VolumeError(f"the folder holds {len(files):,} files; a series has at most {MAX_FILES:,}")
-    return [(lambda p=p: open(p, "rb")) for p in files]
+    files = []
+    for path in folder.rglob("*"):  # stops at the limit: a folder far too large is not walked to its end
+        if path.is_file() and not path.is_symlink():
+            files.append(path)
+            if len(files) > MAX_FILES:
+                raise VolumeError(f"the folder holds over {MAX_FILES:,} files; a series has fewer")
+    return [(lambda p=p: open(p, "rb")) for p in sorted(files)]
 
 
 def _zip_members(path: Path) -> list[Callable[[], io.BufferedIOBase]]:

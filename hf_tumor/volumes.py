@@ -33,7 +33,7 @@ Plane = Literal["axial", "coronal", "sagittal"]
 PLANE_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 MAX_SIDE = 1024  # no clinical or research MRI has more voxels than this along one axis
-MAX_VOXELS = 300_000_000  # ~1.2 GB as float32: far above any real 3-D MRI, refused before reading
+MAX_VOXELS = 512**3  # 512 MiB as float32: above any real 3-D MRI (a 0.5 mm whole head is ~80M), refused before reading
 
 # Head detection (see head_extent): a voxel is "head" above this fraction of the volume's 99th
 # percentile, and a slice holds head when its head area is at least this fraction of the largest
@@ -122,7 +122,7 @@ def volume_from_image(
     if not all(np.isfinite(zooms)) or min(zooms) <= 0:
         raise VolumeError(f"{label}: the affine gives unusable voxel sizes {zooms}")
     # NaN/inf (some pipelines write NaN outside the brain) would poison every percentile below.
-    data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    data = np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return Volume(data=data, zooms=zooms, name=name, source=source)
 
 

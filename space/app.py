@@ -142,8 +142,8 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
     with gr.Blocks(title="hf-tumor: brain MRI tumor classifier", delete_cache=(KEEP_FILES_S, KEEP_FILES_S)) as demo:
         gr.Markdown(
             "# Brain tumor MRI classifier\n"
-            f"Classifies one MRI slice as **{', '.join(predictor.class_names)}**, with a heatmap of "
-            "what drove the prediction.\n\n"
+            f"Classifies an MRI slice, or every slice of a scan, as **{', '.join(predictor.class_names)}**, "
+            "with a heatmap of what drove the prediction.\n\n"
             "> **Research tool, not a medical device.** Do not use it for diagnosis or treatment decisions.\n\n"
             f"Measured accuracy — {figures}. The official test split shares near-duplicates with the training "
             f"data; the leak-free figure is the honest one. Details: {card}."
