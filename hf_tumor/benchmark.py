@@ -429,7 +429,7 @@ def web_benchmark(model: str, images: list[Path]) -> dict[str, Any]:
         sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in files}
     slices = state["timings"]["slices"]
     load = state["timings"]["modelLoadMs"]
-    return {"model": shown(model), "images": len(images), "download_mb": round(sum(sizes.values()) / 2**20, 1),
+    return {"model": shown(model), "images": len(images), "download_mb": round(sum(sizes.values()) / 1e6, 1),
             "files_bytes": sizes, "threads": state["threads"], "cross_origin_isolated": state["isolated"],
             "model_load_ms": round(load), "first_slice_ms_with_model_load": round(load + slices[0]),
             "first_slice_ms": round(slices[0]), "steady_ms_median": round(statistics.median(slices[1:]), 1),

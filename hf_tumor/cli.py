@@ -13,9 +13,7 @@ from typing import Sequence
 
 from hf_tumor.errors import UserError
 from hf_tumor.inference import BACKENDS
-from hf_tumor.volumes import PLANE_AXIS
-
-PLANES = tuple(PLANE_AXIS)
+from hf_tumor.volumes import PLANES
 
 
 def _evaluate(argv: Sequence[str]) -> int:
@@ -128,19 +126,18 @@ def _predict_scan(predictor, path: str, args: argparse.Namespace, writer) -> boo
     except UserError as err:
         if args.json:
             print(json.dumps({"path": path, "error": str(err)}))
+        elif writer:
+            writer.writerow([path, *[""] * (5 + len(predictor.class_names)), str(err)])
         else:
             print(f"{path}: error: {err}", file=sys.stderr)
         return True
     for s in result.slices:
-        row = s.to_dict()
         if args.json:
-            print(json.dumps({"path": path, **row, "error": None}))
+            print(json.dumps({"path": path, **s.to_dict(), "error": None}))
         elif writer:
-            writer.writerow([path, row["plane"], row["index"], f"{row['level']:.4f}",
-                             row["label"] if s.prediction.trusted else "",
-                             *(f"{row['probabilities'][c]:.4f}" for c in predictor.class_names), "; ".join(row["flags"]), ""])
+            writer.writerow([path, *s.csv_row(predictor.class_names), ""])
         else:
-            print(f"{path} {row['plane']} {row['index']} (level {row['level']:.2f}): {_answer(s.prediction)}")
+            print(f"{path} {s.slice.plane} {s.slice.index} (level {s.slice.level:.2f}): {_answer(s.prediction)}")
     summary = result.summary()
     if args.json:
         print(json.dumps({"path": path, "summary": summary}))

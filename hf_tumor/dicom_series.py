@@ -7,16 +7,19 @@ positions, and each slice's RescaleSlope/Intercept (or modality LUT) is applied 
 is a nibabel image in RAS, so :func:`hf_tumor.volumes.volume_from_image` makes it canonical exactly
 as it does a NIfTI file.
 
-Patient data: only geometry and pixel tags are read; no other header value is shown, logged or kept,
-and error messages name neither patients nor files. A zip is read in memory, member by member, never
-extracted, with its sizes checked before anything is decompressed.
+Patient data: only geometry and pixel tags are used; no other header value is shown, logged or kept
+(messages give counts and image sizes, never a name, ID, date or description). A zip is read in memory,
+member by member, never extracted, with its sizes checked before anything is decompressed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -29,8 +32,7 @@ from hf_tumor.volumes import MAX_SIDE, MAX_VOXELS, ChoiceNeeded, VolumeError
 MAX_FILES = 4096  # far above any MR series (a 1 mm whole head is ~200 files)
 MAX_MEMBER_BYTES = 64 * 2**20  # one uncompressed DICOM slice; a 1024 x 1024 16-bit image is 2 MiB
 MAX_TOTAL_BYTES = 2 * 2**30  # all members of a zip together, uncompressed
-MAX_RATIO = 200  # uncompressed / compressed; DICOM compresses 2-10x, a zip bomb 1000x and more
-IMAGE_TAGS = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+MAX_RATIO = 200  # the whole archive, uncompressed / compressed: a series 2-20x (blank slices more), a zip bomb 1000x
 
 
 class SeriesChoiceError(ChoiceNeeded):
@@ -55,34 +57,34 @@ def _folder_members(folder: Path) -> list[Callable[[], io.BufferedIOBase]]:
     return [(lambda p=p: open(p, "rb")) for p in sorted(files)]
 
 
-def _zip_members(path: Path) -> list[Callable[[], io.BufferedIOBase]]:
-    """Openers for a zip's members, after refusing what could harm: names that leave the archive,
-    too many members, declared sizes or compression ratios no DICOM series has."""
-    try:
-        archive = zipfile.ZipFile(path)
-        infos = [i for i in archive.infolist() if not i.is_dir()]
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise VolumeError(f"not a readable zip archive ({type(error).__name__})") from None
+def _zip_members(archive: zipfile.ZipFile) -> list[Callable[[], io.BufferedIOBase]]:
+    """Openers for a zip's members, after refusing what could harm: names that leave the archive (it is
+    never extracted; refused all the same), too many members, sizes or a compression ratio no DICOM
+    series has. Each member is decompressed only when opened, and never past its declared size."""
+    infos = [i for i in archive.infolist() if not i.is_dir()]
     if len(infos) > MAX_FILES:
         raise VolumeError(f"the zip holds {len(infos):,} files; a series has at most {MAX_FILES:,}")
     for info in infos:
         name = PurePosixPath(info.filename.replace("\\", "/"))
-        if name.is_absolute() or ".." in name.parts or ":" in info.filename:
+        if name.is_absolute() or ".." in name.parts or re.match(r"^[A-Za-z]:", info.filename):
             raise VolumeError("a file name inside the zip points outside the archive (absolute, '..' or a drive); "
                               "refused")
-        if info.file_size > MAX_MEMBER_BYTES or info.file_size > MAX_RATIO * max(info.compress_size, 1) + 2**16:
-            raise VolumeError("a file inside the zip expands far beyond what a DICOM slice can be "
-                              "(a zip bomb or not a DICOM series); refused before decompressing it")
-    if sum(i.file_size for i in infos) > MAX_TOTAL_BYTES:
-        raise VolumeError(f"the zip expands to over {MAX_TOTAL_BYTES // 2**30} GiB; refused before decompressing it")
+        if info.file_size > MAX_MEMBER_BYTES:
+            raise VolumeError("a file inside the zip expands far beyond what a DICOM slice can be; refused before "
+                              "decompressing it")
+    expanded, compressed = sum(i.file_size for i in infos), sum(i.compress_size for i in infos)
+    if expanded > MAX_TOTAL_BYTES or expanded > MAX_RATIO * max(compressed, 1) + 2**20:
+        raise VolumeError(f"the zip expands {expanded / max(compressed, 1):,.0f}-fold to {expanded / 2**20:,.0f} MiB, "
+                          "beyond any DICOM series (a zip bomb?); refused before decompressing it")
 
     def opener(info: zipfile.ZipInfo) -> Callable[[], io.BufferedIOBase]:
         def read() -> io.BufferedIOBase:
-            with archive.open(info) as member:
-                data = member.read(info.file_size + 1)  # never more than declared, whatever the stream holds
-            if len(data) > info.file_size:
-                raise VolumeError("a file inside the zip is larger than its header says; refused")
-            return io.BytesIO(data)
+            try:
+                with archive.open(info) as member:
+                    return io.BytesIO(member.read())
+            except (RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+                raise VolumeError(f"a file inside the zip cannot be read: encrypted, corrupt or compressed in a way "
+                                  f"Python cannot read ({type(error).__name__})") from None
         return read
 
     return [opener(info) for info in infos]
@@ -98,19 +100,31 @@ def _headers(openers: Sequence[Callable[[], io.BufferedIOBase]]) -> tuple[list[_
         try:
             with open_member() as f:
                 header = pydicom.dcmread(f, stop_before_pixels=True)
+        except VolumeError:
+            raise
         except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError):
             not_dicom += 1
             continue
-        if all(tag in header for tag in IMAGE_TAGS):
+        if _has_geometry(header):
             members.append(_Member(open_member, header))
         else:
-            no_image += 1  # DICOMDIR, reports, presentation states, or images without geometry
+            no_image += 1  # DICOMDIR, reports, presentation states, or images whose geometry was blanked
     return members, not_dicom, no_image
+
+
+def _has_geometry(header) -> bool:
+    """Whether a header holds an image with usable geometry (anonymisers sometimes blank these tags)."""
+    try:
+        sizes = {tag: len(header.get(tag) or ()) for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")}
+        return (sizes == {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+                and int(header.Rows or 0) > 0 and int(header.Columns or 0) > 0)
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def _describe(group: list[_Member]) -> str:
     h = group[0].header
-    return f"{len(group)} images of {int(h.Rows)} x {int(h.Columns)} ({getattr(h, 'Modality', '') or 'no modality'})"
+    return f"{len(group)} images of {int(h.Rows)} x {int(h.Columns)}"
 
 
 def _choose_series(members: list[_Member], series: int | None) -> list[_Member]:
@@ -175,6 +189,8 @@ def _pixels(member: _Member) -> np.ndarray:
         with member.open() as f:
             ds = pydicom.dcmread(f)
         values = apply_rescale(ds.pixel_array, ds)  # RescaleSlope/Intercept, or the modality LUT
+        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+            values = -np.asarray(values, dtype=np.float32)  # brighter is lower there; windowing comes later
     except VolumeError:
         raise
     except Exception as error:
@@ -193,25 +209,32 @@ def read_series(source: str | os.PathLike | Sequence[str | os.PathLike], series:
     is a :class:`~hf_tumor.volumes.VolumeError` with a message meant for the user.
     """
     label = name or "scan"
-    try:
-        if isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            if path.is_dir():
-                openers = _folder_members(path)
-            elif path.is_file() and zipfile.is_zipfile(path):
-                openers = _zip_members(path)
-            elif path.is_file():
-                openers = [lambda: open(path, "rb")]
+    with contextlib.ExitStack() as stack:
+        try:
+            if isinstance(source, (str, os.PathLike)):
+                path = Path(source)
+                if path.is_dir():
+                    openers = _folder_members(path)
+                elif path.is_file() and zipfile.is_zipfile(path):
+                    try:
+                        archive = stack.enter_context(zipfile.ZipFile(path))
+                    except (zipfile.BadZipFile, OSError, EOFError) as error:
+                        raise VolumeError(f"not a readable zip archive ({type(error).__name__})") from None
+                    openers = _zip_members(archive)
+                elif path.is_file():
+                    openers = [lambda: open(path, "rb")]
+                else:
+                    raise VolumeError("no such file or folder")
             else:
-                raise VolumeError("no such file or folder")
-        else:
-            openers = [(lambda p=Path(p): open(p, "rb")) for p in source]
-        members, not_dicom, no_image = _headers(openers)
-        if not members:
-            raise VolumeError(f"no DICOM image found ({not_dicom} files that are not DICOM, {no_image} DICOM files "
-                              "without an image)")
-        group, affine = _geometry(_choose_series(members, series))
-        data = np.stack([_pixels(member) for member in group], axis=2)
-    except VolumeError as error:
-        raise type(error)(f"{label}: {error}") from None
+                if len(source) > MAX_FILES:
+                    raise VolumeError(f"{len(source):,} files; a series has at most {MAX_FILES:,}")
+                openers = [(lambda p=Path(p): open(p, "rb")) for p in source]
+            members, not_dicom, no_image = _headers(openers)
+            if not members:
+                raise VolumeError(f"no DICOM image found ({not_dicom} files that are not DICOM, {no_image} DICOM "
+                                  "files without an image)")
+            group, affine = _geometry(_choose_series(members, series))
+            data = np.stack([_pixels(member) for member in group], axis=2)
+        except VolumeError as error:
+            raise type(error)(f"{label}: {error}") from None
     return nib.Nifti1Image(data, affine)

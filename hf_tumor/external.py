@@ -27,9 +27,8 @@ from typing import Any
 from PIL import Image
 
 from hf_tumor.inference import ARGS_FILE
-from hf_tumor.volumes import Volume, VolumeError, level_band, load_nifti, slices
+from hf_tumor.volumes import PLANES, Volume, VolumeError, level_band, load_nifti, slices
 
-PLANES = ("axial", "coronal", "sagittal")
 BANDS = ("low", "middle", "high")
 # Evenly spaced slices per plane and volume: ~160 slices in all, a minute or two on 2 CPU cores.
 DEFAULT_PER_PLANE = {"axial": 20, "coronal": 12, "sagittal": 12}

@@ -19,11 +19,10 @@ from typing import Any
 
 from hf_tumor.dicom_series import read_series
 from hf_tumor.inference import Prediction, Predictor
-from hf_tumor.volumes import PLANE_AXIS, Slice, Volume, VolumeError, level_band, load_nifti, slices, volume_from_image
+from hf_tumor.volumes import PLANES, Slice, Volume, VolumeError, level_band, load_nifti, slices, volume_from_image
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
 SCAN_SUFFIXES = (*NIFTI_SUFFIXES, ".zip")
-PLANES = tuple(PLANE_AXIS)
 MAX_SCAN_BYTES = 256 * 2**20  # a volume or zipped series; a 1 mm head is 10-40 MB
 EDGES = {"axial": ("the skull base", "the vertex"), "coronal": ("the back of the head", "the front of the head"),
          "sagittal": ("the left side of the head", "the right side of the head")}
@@ -82,6 +81,12 @@ class ScanSlice:
         return {"plane": self.slice.plane, "index": self.slice.index, "level": round(self.slice.level, 4),
                 "label": p.label, "probabilities": p.probabilities, "flags": p.flags}
 
+    def csv_row(self, class_names: Sequence[str]) -> list[str]:
+        """plane, index, level, label (empty where flagged), the probabilities, the flags."""
+        p = self.prediction
+        return [self.slice.plane, str(self.slice.index), f"{self.slice.level:.4f}", p.label if p.trusted else "",
+                *(f"{p.probabilities[c]:.4f}" for c in class_names), "; ".join(p.flags)]
+
 
 @dataclass
 class ScanResult:
@@ -121,10 +126,7 @@ class ScanResult:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["plane", "index", "level", "label", *self.class_names, "flags"])
-        for s in self.slices:
-            row = s.to_dict()
-            writer.writerow([row["plane"], row["index"], f"{row['level']:.4f}", row["label"] if s.prediction.trusted else "",
-                             *(f"{row['probabilities'][c]:.4f}" for c in self.class_names), "; ".join(row["flags"])])
+        writer.writerows(s.csv_row(self.class_names) for s in self.slices)
         return buffer.getvalue()
 
 
@@ -141,7 +143,7 @@ def index_ranges(indices: Sequence[int]) -> str:
 
 def predict_scan(predictor: Predictor, volume: Volume, plane: str = "axial", batch_size: int = 32) -> ScanResult:
     """Every slice through the head along ``plane``, classified in batches, with the edge flag added."""
-    if plane not in PLANE_AXIS:
+    if plane not in PLANES:
         raise VolumeError(f"unknown plane {plane!r}; choose one of {', '.join(PLANES)}")
     cut = slices(volume, plane)  # type: ignore[arg-type]
     result = ScanResult(volume.name, plane, volume.data.shape, volume.zooms, predictor.class_names)

@@ -346,7 +346,8 @@ def add_healthy_slices(train: Dataset, data_args: DataArguments, pretrained_cfg:
     and framing. Slices of whole healthy heads say otherwise. Validation stays Kaggle only, so that
     it measures what it always has.
     """
-    from hf_tumor.external import HEALTHY_LABEL, PLANES, build_suite
+    from hf_tumor.external import HEALTHY_LABEL, build_suite
+    from hf_tumor.volumes import PLANES
 
     names = class_names(train)
     if HEALTHY_LABEL not in names:

@@ -30,6 +30,7 @@ from PIL import Image
 from hf_tumor.errors import UserError
 
 Plane = Literal["axial", "coronal", "sagittal"]
+PLANES = ("axial", "coronal", "sagittal")
 PLANE_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 MAX_SIDE = 1024  # no clinical or research MRI has more voxels than this along one axis
@@ -122,7 +123,7 @@ def volume_from_image(
     if not all(np.isfinite(zooms)) or min(zooms) <= 0:
         raise VolumeError(f"{label}: the affine gives unusable voxel sizes {zooms}")
     # NaN/inf (some pipelines write NaN outside the brain) would poison every percentile below.
-    data = np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
     return Volume(data=data, zooms=zooms, name=name, source=source)
 
 
@@ -133,15 +134,16 @@ def load_nifti(path: str | os.PathLike, *, volume_index: int | None = None, name
     header, truncated gzip) raises :class:`VolumeError` with a message, never a bare traceback.
     """
     path = os.fspath(path)
+    label = name or os.path.basename(path)  # messages name the file as the user knows it, not a server's temp path
     if not os.path.isfile(path):
-        raise VolumeError(f"{path}: no such file")
+        raise VolumeError(f"{label}: no such file")
     try:
         img = nib.load(path)  # reads the header only; voxel data stays on disk until asked for
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as error:
-        raise VolumeError(f"{path}: not a readable MRI volume ({error})") from error
+        raise VolumeError(f"{label}: not a readable MRI volume ({str(error).replace(path, label)})") from error
     if not isinstance(img, nib.spatialimages.SpatialImage):
-        raise VolumeError(f"{path}: a {type(img).__name__}, not an image with a spatial affine")
-    return volume_from_image(img, volume_index=volume_index, name=name or os.path.basename(path), source=source)
+        raise VolumeError(f"{label}: a {type(img).__name__}, not an image with a spatial affine")
+    return volume_from_image(img, volume_index=volume_index, name=label, source=source)
 
 
 def head_extent(volume: Volume, axis: int) -> tuple[int, int]:

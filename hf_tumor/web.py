@@ -3,8 +3,9 @@
 The page (``web/index.html``, ``app.js``, ``preprocess.js``) runs the int8 ONNX file with ONNX Runtime
 Web. Its runtime comes from the npm registry at build time (``web/package-lock.json`` pins it, with
 its checksum), never from a CDN, so the assembled folder holds everything the page loads and the page
-asks no origin but its own. Threads need cross-origin isolation, which :func:`serve` (and the static
-Space's ``custom_headers``) provide.
+asks no origin but its own. WASM threads need cross-origin isolation, which :func:`serve` provides and the
+static Space's ``custom_headers`` ask for; where a page is not isolated (inside an iframe that is not),
+it runs on one thread.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hf_tumor.inference import ONNX_DIR, ONNX_FILES, passed_backends
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 PAGE_FILES = ("index.html", "app.js", "preprocess.js")
 RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+PAGE_RESAMPLING = ("bilinear", "bicubic")  # the resamplers preprocess.js ports from Pillow
 ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 
 
@@ -42,8 +44,11 @@ def runtime_dir(web_dir: Path = WEB_DIR) -> Path:
             raise WebBuildError("npm is needed to fetch ONNX Runtime Web from the npm registry: install Node.js "
                                 "(apt-get install nodejs npm)")
         # --ignore-scripts: the page needs the package's files, not its install hooks
-        result = subprocess.run([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=web_dir,
-                                capture_output=True, text=True, timeout=900)
+        try:
+            result = subprocess.run([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=web_dir,
+                                    capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise WebBuildError("npm ci took over 15 minutes: is the npm registry reachable?") from None
         if result.returncode:
             raise WebBuildError(f"npm ci failed in {web_dir}: {result.stderr.strip()[-1500:]}")
     return dist
@@ -53,6 +58,10 @@ def build_web(dest: str | os.PathLike, model_dir: str | os.PathLike, web_dir: Pa
     """Assemble the page in ``dest``: its files, the runtime, and ``model/`` (config and the int8 file,
     which must have passed its parity check). Returns the files written."""
     model_dir, dest = Path(model_dir), Path(dest)
+    cfg = json.loads((model_dir / "config.json").read_text()).get("pretrained_cfg", {})
+    if cfg.get("crop_pct", 1.0) != 1.0 or cfg.get("crop_mode", "squash") != "squash" or cfg.get("interpolation") not in PAGE_RESAMPLING:
+        raise WebBuildError(f"the page preprocesses a squash resize with {' or '.join(PAGE_RESAMPLING)} resampling "
+                            f"and no crop; {model_dir}'s pretrained_cfg asks for {cfg}")
     if "onnx-int8" not in passed_backends(model_dir):
         raise WebBuildError(f"{model_dir} has no int8 ONNX file that passed its parity check: run "
                             f"`hf-tumor export --model {model_dir} --quantize int8` first")

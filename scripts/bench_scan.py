@@ -10,16 +10,17 @@ import sys
 from pathlib import Path
 
 from hf_tumor.benchmark import scan_benchmark, write_report
+from hf_tumor.errors import UserError
 from hf_tumor.external import SOURCES
 from hf_tumor.inference import default_model
-from hf_tumor.volumes import PLANE_AXIS
+from hf_tumor.volumes import PLANES
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Model folder or Hub id (default: the bundled model).")
-    parser.add_argument("--volume", help="A NIfTI file or DICOM series (default: the MNI152 template of nilearn).")
-    parser.add_argument("--plane", default="axial", choices=list(PLANE_AXIS))
+    parser.add_argument("--volume", help="A NIfTI file or a zipped DICOM series (default: nilearn's MNI152 template).")
+    parser.add_argument("--plane", default="axial", choices=PLANES)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", help="Output JSON (default: benchmarks/scan_{plane}_{machine}.json).")
     args = parser.parse_args()
@@ -28,7 +29,7 @@ def main() -> None:
         sys.exit(f"no volume given and the MNI152 template is not installed: {SOURCES['mni152'].install}")
     try:
         report = scan_benchmark(args.model or default_model(), Path(volume), args.plane, args.runs)
-    except RuntimeError as err:
+    except (RuntimeError, UserError) as err:
         sys.exit(str(err))
     out = write_report(report, args.out, "scan", args.plane)
     print(json.dumps({part: report[part]["median"] for part in ("cli", "library", "app")}, indent=2))

@@ -5,6 +5,7 @@ python scripts/bench_web.py [--model DIR] [--data_dir DIR] [--images 100] [--out
 """
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -24,7 +25,8 @@ def main() -> None:
     try:
         root = resolve_data_dir(args.data_dir)
         per_class = [image_files(root / SPLIT_DIRS["test"] / name) for name in check_layout(root)]
-        images = [files[i] for i in range(args.images) for files in per_class][: args.images]
+        # in turn from each class, as long as any has slices left
+        images = [f for row in itertools.zip_longest(*per_class) for f in row if f is not None][: args.images]
         report = web_benchmark(str(resolve_model_dir(args.model or default_model())), images)
     except UserError as err:
         sys.exit(str(err))

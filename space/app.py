@@ -102,8 +102,8 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
         try:
             volume = load_scan(paths, name=Path(paths[0]).name if len(paths) == 1 else "series")
         except ChoiceNeeded as err:
-            raise gr.Error(f"{err}. The app takes one 3-D volume or one DICOM series per upload: upload that one "
-                           "alone.") from None
+            raise gr.Error(f"{err}. The app reads one 3-D volume or one DICOM series per upload: upload a file that "
+                           "holds only one, or choose with `hf-tumor predict`.") from None
         except UserError as err:
             raise gr.Error(str(err)) from None
         finally:
@@ -111,6 +111,10 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
                 Path(path).unlink(missing_ok=True)
         shape, zooms = volume.data.shape, " x ".join(f"{z:g}" for z in volume.zooms)
         return None, volume, f"Read **{volume.name}**: {' x '.join(map(str, shape))} voxels of {zooms} mm. Classifying..."
+
+    def recut(volume, plane: str):
+        """Another plane of the scan already read; nothing to do before a scan is there."""
+        return classify_scan(volume, plane) if volume is not None else (gr.skip(),) * 5
 
     def classify_scan(volume, plane: str):
         if volume is None:
@@ -201,8 +205,9 @@ def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
             # the upload is cleared once read: the server deleted it, the volume is kept in the session
             scan_files.upload(read_scan, scan_files, [scan_files, volume_state, scan_text], api_name="read_scan").success(
                 classify_scan, [volume_state, plane], scan_outputs, api_name=False).success(**view, api_name=False)
-            gr.on([run_scan.click, plane.input], classify_scan, [volume_state, plane], scan_outputs,
-                  api_name="classify_scan").success(**view, api_name="show_slice")
+            run_scan.click(classify_scan, [volume_state, plane], scan_outputs, api_name="classify_scan").success(
+                **view, api_name="show_slice")
+            plane.input(recut, [volume_state, plane], scan_outputs, api_name=False).success(**view, api_name=False)
             gr.on([slider.input, scan_opacity.input], **view, api_name=False, trigger_mode="always_last")
         gr.Markdown(PRIVACY)
     return demo

@@ -244,7 +244,7 @@ def test_whole_scan_over_http(api_client, mni_path, tmp_path):
         for n, uid in enumerate(("1.2.3.1", "1.2.3.2")):
             for k in range(2):
                 archive.writestr(f"s{n}/im{k}.dcm", _tiny_dicom(uid, k))
-    with pytest.raises(Exception, match="2 DICOM series found.*upload that one alone"):
+    with pytest.raises(Exception, match="2 DICOM series found.*one DICOM series per upload"):
         api_client.predict([handle_file(str(two))], api_name="/read_scan")
     with pytest.raises(Exception, match="Upload a scan first"):  # the new session holds no scan
         type(api_client)(api_client.src, verbose=False).predict("axial", api_name="/classify_scan")

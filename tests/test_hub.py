@@ -280,7 +280,9 @@ def test_the_staged_space_runs_as_the_hub_runs_it(tmp_path):
         while not any(c.laddr.port == port for c in psutil.Process(server.pid).net_connections()):
             assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
             time.sleep(1)
-        listening = [c for c in psutil.Process(server.pid).net_connections() if c.laddr.port == port]
+        # listening sockets only: Gradio's own start-up request to itself is an accepted connection on 127.0.0.1
+        listening = [c for c in psutil.Process(server.pid).net_connections()
+                     if c.laddr.port == port and c.status == psutil.CONN_LISTEN]
         assert {c.laddr.ip for c in listening} == {"0.0.0.0"}
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         library = load_predictor(model)

@@ -4,6 +4,7 @@ scan; answered by the bundled model through the library, the CLI and, in test_ap
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import subprocess
@@ -48,7 +49,8 @@ def predictor():
 
 
 def write_series(img: nib.Nifti1Image, folder: Path, plane: str = "axial", slope: float = 0.5,
-                 intercept: float = -100.0, series_uid: str | None = None, positions=None) -> list[Path]:
+                 intercept: float = -100.0, series_uid: str | None = None, positions=None,
+                 photometric: str = "MONOCHROME2") -> list[Path]:
     """Write a canonical (RAS) image as a DICOM MR series acquired along ``plane``, one file per slice under a
     random name, the pixel values stored as uint16 through RescaleSlope/RescaleIntercept."""
     import pydicom
@@ -82,7 +84,7 @@ def write_series(img: nib.Nifti1Image, folder: Path, plane: str = "axial", slope
         ds.ImageOrientationPatient = [float(c) for c in cosines]
         ds.PixelSpacing = [float(s) for s in spacing]
         ds.Rows, ds.Columns = stored.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
         ds.PixelData = stored.tobytes()
@@ -116,6 +118,23 @@ def test_a_dicom_series_reads_back_as_the_volume_it_was_written_from(mni_img, tm
     assert np.array_equal(load_scan(zip_folder(tmp_path / "series", tmp_path / "series.zip")).data, volume.data)
     files = sorted((tmp_path / "series").iterdir(), reverse=True)
     assert np.array_equal(load_scan(files).data, volume.data)
+
+
+def test_monochrome1_is_read_with_brighter_meaning_brighter(mni_img, tmp_path):
+    write_series(mni_img, tmp_path / "m2")
+    write_series(mni_img, tmp_path / "m1", photometric="MONOCHROME1")
+    assert np.array_equal(load_scan(tmp_path / "m1").data, -load_scan(tmp_path / "m2").data)
+
+
+def test_images_whose_geometry_was_blanked_are_not_taken_for_a_series(mni_img, tmp_path):
+    import pydicom
+
+    for path in write_series(mni_img, tmp_path / "s"):
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = None  # as some anonymisers leave it
+        ds.save_as(path)
+    with pytest.raises(VolumeError, match=f"no DICOM image found \\(0 files that are not DICOM, {mni_img.shape[2]} DICOM files without"):
+        load_scan(tmp_path / "s")
 
 
 def test_a_dicom_series_is_answered_as_its_nifti_is(mni_img, tmp_path, predictor):
@@ -368,6 +387,10 @@ def test_bad_scans_on_the_command_line_fail_cleanly_and_the_rest_is_answered(tmp
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     bad = [_truncated_gz(tmp_path / "a", mni_img), _two_series(tmp_path / "b", mni_img)]
     good = str(real_images("Testing", "pituitary", 1)[0])
+    out = hf_tumor("predict", *map(str, bad), good, "--csv")
+    assert out.returncode == 1
+    rows = {row[0]: row for row in csv.reader(out.stdout.splitlines()[1:])}
+    assert "truncated or corrupt" in rows[str(bad[0])][-1] and rows[good][4] == "pituitary"
     out = hf_tumor("predict", *map(str, bad), good)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr and "truncated or corrupt" in out.stderr and "--series" in out.stderr

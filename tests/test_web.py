@@ -115,7 +115,9 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     jpeg = real_images("Testing", "glioma", 1)[0].read_bytes()
     (tmp / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 3])
     (tmp / "huge.png").write_bytes(b"\x89PNG" + bytes(21 * 2**20))
-    return {"empty.jpg": "empty", "notes.jpg": "not a JPEG or PNG", "bomb.png": "limit is 50,000,000 pixels",
+    deep = np.asarray(PIL.Image.open(real_images("Testing", "glioma", 1)[0]).convert("L"), dtype=np.uint16) * 257
+    PIL.Image.fromarray(deep).save(tmp / "deep.png")  # 16-bit grey
+    return {"deep.png": "16-bit PNG","empty.jpg": "empty", "notes.jpg": "not a JPEG or PNG", "bomb.png": "limit is 50,000,000 pixels",
             "tiny.png": "at least 32 x 32", "cut.jpg": "truncated or corrupt", "huge.png": "the limit is 20 MB"}
 
 

@@ -38,6 +38,10 @@ async function decode(file) {
   if (header.width * header.height > MAX_PIXELS) {
     throw new InputError(`The image is ${header.width.toLocaleString()} x ${header.height.toLocaleString()} pixels; the limit is ${MAX_PIXELS.toLocaleString()} pixels.`);
   }
+  if (header.bitDepth === 16) {
+    // browsers drop the low byte; the Python reader stretches the 16-bit range instead: answers would differ
+    throw new InputError("A 16-bit PNG: the browser cannot read it as the model's other readers do; use the app or `hf-tumor predict`.");
+  }
   if (!looksComplete(bytes, header.format)) throw new InputError(`This ${header.format} file is truncated or corrupt.`);
   let bitmap;
   try {
@@ -125,6 +129,7 @@ async function main() {
     status.className = "error";
     return;
   }
+  document.getElementById("about").textContent = `Classifies one MRI slice as ${model.labels.join(", ")}.`;
   table.tHead.innerHTML = `<tr><th>file</th><th>label</th>${model.labels.map((l) => `<th>${l}</th>`).join("")}<th>note</th></tr>`;
   status.textContent = `Model loaded in ${(state.timings.modelLoadMs / 1000).toFixed(1)} s (${state.threads} thread${state.threads > 1 ? "s" : ""}). Drop slices to classify them.`;
   state.ready = true;

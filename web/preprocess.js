@@ -169,12 +169,12 @@ export function imageChecks(pixels, size) {
   return reasons;
 }
 
-// Width and height from a PNG or JPEG header, read before anything is decoded (a decompression bomb is
+// Width and height (and a PNG's bit depth) from a PNG or JPEG header, read before anything is decoded (a decompression bomb is
 // refused from its header); null for other formats.
 export function headerSize(bytes) {
   if (bytes.length >= 24 && bytes[0] === 0x89 && bytes[1] === 0x50 && bytes[2] === 0x4e && bytes[3] === 0x47) {
     const view = new DataView(bytes.buffer, bytes.byteOffset);
-    return { format: "PNG", width: view.getUint32(16), height: view.getUint32(20) };
+    return { format: "PNG", width: view.getUint32(16), height: view.getUint32(20), bitDepth: bytes[24] };
   }
   if (bytes.length >= 4 && bytes[0] === 0xff && bytes[1] === 0xd8) {
     let i = 2;
