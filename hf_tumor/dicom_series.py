@@ -60,7 +60,7 @@ def _folder_members(folder: Path) -> list[Callable[[], io.BufferedIOBase]]:
 def _zip_members(archive: zipfile.ZipFile) -> list[Callable[[], io.BufferedIOBase]]:
     """Openers for a zip's members, after refusing what could harm: names that leave the archive (it is
     never extracted; refused all the same), too many members, sizes or a compression ratio no DICOM
-    series has. Each member is decompressed only when opened, and never past its declared size."""
+    series has. Each member is decompressed only when opened (zipfile stops at its declared size)."""
     infos = [i for i in archive.infolist() if not i.is_dir()]
     if len(infos) > MAX_FILES:
         raise VolumeError(f"the zip holds {len(infos):,} files; a series has at most {MAX_FILES:,}")
