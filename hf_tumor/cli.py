@@ -204,13 +204,16 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--quantize", choices=["int8"], help="Also write an int8 model calibrated on Training images.")
     parser.add_argument("--data_dir", help="Folder with Training/ and Testing/ (default: $HF_TUMOR_DATA).")
     parser.add_argument("--calibration_images", type=int, default=256, help="Training images used to calibrate int8.")
+    parser.add_argument("--calibration_method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                        help="How int8 activation ranges are estimated from those images.")
     args = parser.parse_args(argv)
     from hf_tumor.export import export_model
     from hf_tumor.inference import ONNX_DIR, PARITY_FILE
     from hf_tumor.runtime import setup_logging
 
     setup_logging()
-    report = export_model(args.model, args.data_dir, args.quantize == "int8", args.calibration_images)
+    report = export_model(args.model, args.data_dir, args.quantize == "int8", args.calibration_images,
+                          calibration_method=args.calibration_method)
     failed = []
     for name in ("onnx", "onnx-int8"):
         if name in report:

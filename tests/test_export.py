@@ -78,3 +78,18 @@ def test_unexported_model_refuses_onnx_backends_with_the_fix(trained_model):
         load_predictor(trained_model, "onnx-int8")
     with pytest.raises(BackendError, match="Unknown backend"):
         choose_backend(trained_model, "tensorrt")
+
+
+def test_calibration_method_is_recorded_and_changes_the_int8_ranges(exported, tiny_data: Path, tmp_path: Path):
+    from hf_tumor.data import load_image_folder
+    from hf_tumor.export import ExportError, calibration_batches, quantize_int8
+    from hf_tumor.model import load_model
+
+    model_dir, report = exported
+    assert (report["onnx-int8"]["calibration_method"], report["onnx-int8"]["calibration_images"]) == ("minmax", 16)
+    cfg = load_model(model_dir).config.pretrained_cfg
+    batches = calibration_batches(load_image_folder(tiny_data)["train"], cfg, 16)
+    percentile = quantize_int8(model_dir / ONNX_DIR / "model.onnx", tmp_path / "percentile.onnx", batches, "percentile")
+    assert percentile.read_bytes() != (model_dir / ONNX_DIR / "model_quantized.onnx").read_bytes()
+    with pytest.raises(ExportError, match="minmax, percentile, entropy"):
+        quantize_int8(model_dir / ONNX_DIR / "model.onnx", tmp_path / "x.onnx", iter([]), "kl")
