@@ -124,7 +124,7 @@ class AugmentConfig:
     brightness: float = field(default=0.2, metadata={"help": "Brightness jitter factor (0: none)."})
     contrast: float = field(default=0.2, metadata={"help": "Contrast jitter factor (0: none)."})
     mri: float = field(
-        default=0.0,
+        default=0.15,
         metadata={"help": "Probability of each of TorchIO's MRI artefacts (bias field, gamma, blur, resolution loss, "
                           "noise), applied to the grey image (0: none; needs hf-tumor[train])."},
     )
