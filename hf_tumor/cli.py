@@ -196,6 +196,8 @@ def _external(argv: Sequence[str]) -> int:
 
 
 def _export(argv: Sequence[str]) -> int:
+    from hf_tumor.export import CALIBRATION_METHODS, export_model
+
     parser = argparse.ArgumentParser(
         prog="hf-tumor export",
         description="Write DIR/onnx/model.onnx (and model_quantized.onnx) and check parity with PyTorch on the Testing split.",
@@ -204,10 +206,9 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--quantize", choices=["int8"], help="Also write an int8 model calibrated on Training images.")
     parser.add_argument("--data_dir", help="Folder with Training/ and Testing/ (default: $HF_TUMOR_DATA).")
     parser.add_argument("--calibration_images", type=int, default=256, help="Training images used to calibrate int8.")
-    parser.add_argument("--calibration_method", choices=["minmax", "percentile", "entropy"], default="minmax",
+    parser.add_argument("--calibration_method", choices=list(CALIBRATION_METHODS), default="minmax",
                         help="How int8 activation ranges are estimated from those images.")
     args = parser.parse_args(argv)
-    from hf_tumor.export import export_model
     from hf_tumor.inference import ONNX_DIR, PARITY_FILE
     from hf_tumor.runtime import setup_logging
 

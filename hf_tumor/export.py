@@ -34,9 +34,9 @@ from hf_tumor.model import LogitsOnly, class_names_of, load_model
 
 MIN_TOP1_AGREEMENT = 0.995  # share of test images whose top-1 class matches PyTorch's
 MAX_INT8_ACCURACY_DROP = 0.003  # accuracy points (as a fraction) int8 may lose against PyTorch fp32
-# ONNX Runtime's activation-range estimators: MinMax keeps every outlier, Percentile clips the top
-# 0.001%, Entropy picks the range that loses least information
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+# ONNX Runtime's activation-range estimators (our name: theirs): MinMax keeps every outlier, Percentile
+# clips the top 0.001%, Entropy picks the range that loses least information
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
 class ExportError(UserError, RuntimeError):
@@ -73,10 +73,10 @@ def quantize_int8(fp32_path: Path, path: Path, batches: Iterator[np.ndarray], me
     from onnxruntime.quantization import (
         CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
     )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:
         raise ExportError(f"Unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}.")
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:
@@ -89,7 +89,7 @@ def quantize_int8(fp32_path: Path, path: Path, batches: Iterator[np.ndarray], me
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)  # folds BN, infers shapes
         quantize_static(
             str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax"}.get(method, method.title())),
+            calibrate_method=CalibrationMethod[CALIBRATION_METHODS[method]],
             # u8 activations x s8 weights is the fast int8 kernel on x86; reduce_range avoids the
             # saturation of that kernel on CPUs without VNNI (AVX2 only)
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
