@@ -464,7 +464,8 @@ class _PeakRSS:
 def _train_view(data_dir: Path, image_size: int, model_name: str):
     """The training split's view exactly as training builds it (cached resize, augmentation, to tensor)."""
     from hf_tumor.data import attach_transforms, cache_resized, load_image_folder
-    from hf_tumor.preprocessing import AugmentConfig, make_pretrained_cfg
+    from hf_tumor.augment import AugmentConfig
+    from hf_tumor.preprocessing import make_pretrained_cfg
 
     cfg = make_pretrained_cfg(model_name, image_size)
     return attach_transforms(cache_resized(load_image_folder(data_dir)["train"], cfg, "train"), cfg, AugmentConfig())
@@ -543,3 +544,119 @@ def train_benchmark(data_dir: str | os.PathLike, image_size: int, precision: str
         "bare_loop_peak_rss_mb": round(bare_memory.peak / 2**20),
         "trainer_peak_rss_mb": round(trainer_memory.peak / 2**20),
     }
+
+
+# what a fresh process reports on its way out: where hf_tumor came from, which heavy libraries it imported,
+# its peak memory
+_CLI_WRAPPER = """import sys
+from hf_tumor.cli import main
+rc = main(sys.argv[1:])
+import hf_tumor
+print('HF_TUMOR_FROM', hf_tumor.__file__, file=sys.stderr)
+print('HEAVY_IMPORTED', ','.join(m for m in ('torch', 'timm', 'transformers', 'torchvision') if m in sys.modules), file=sys.stderr)
+print('VMHWM_KB', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr)
+sys.exit(rc)
+"""
+
+# the least any program can do for one slice: PIL reads, resizes and normalises as the config says, the int8
+# file answers; no hf_tumor, no domain check
+_BARE_ONNX = """import json, sys
+import numpy as np, onnxruntime as ort, PIL.Image
+model_dir, image_path = sys.argv[1:3]
+cfg = json.load(open(model_dir + '/config.json'))['pretrained_cfg']
+size = int(cfg['input_size'][-1])
+image = PIL.Image.open(image_path).convert('RGB').resize((size, size), PIL.Image.BILINEAR)
+mean, std = (np.asarray(cfg[k], np.float32).reshape(3, 1, 1) for k in ('mean', 'std'))
+x = (np.asarray(image, np.float32).transpose(2, 0, 1) / np.float32(255) - mean) / std
+session = ort.InferenceSession(model_dir + '/onnx/model_quantized.onnx', providers=['CPUExecutionProvider'])
+logits = session.run(None, {'pixel_values': x[None]})[0][0].astype(np.float64)
+p = np.exp(logits - logits.max())
+print(json.dumps((p / p.sum()).tolist()))
+print('HEAVY_IMPORTED', ','.join(m for m in ('torch', 'timm', 'transformers', 'torchvision') if m in sys.modules), file=sys.stderr)
+print('VMHWM_KB', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr)
+"""
+_REPORTS = ("HF_TUMOR_FROM ", "HEAVY_IMPORTED ", "VMHWM_KB ")
+
+
+def _timed_process(command: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> dict[str, Any]:
+    """Run ``command`` to its end: wall seconds from launch to exit, stdout, stderr, and what the process said
+    of itself on stderr: its peak resident memory (VmHWM; the parent's ru_maxrss of a child counts the forked
+    copy of this process, torch and all) and which heavy libraries it had imported."""
+    start = time.perf_counter()
+    process = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(command[3:6])} exited with {process.returncode}: {process.stderr[-2000:]}")
+    said = dict(line.split(" ", 1) for line in process.stderr.splitlines() if line.startswith(_REPORTS))
+    return {"wall_s": wall, "peak_rss_mb": int(said["VMHWM_KB"]) / 1024,
+            "heavy_imported": [m for m in said["HEAVY_IMPORTED"].split(",") if m], "from": said.get("HF_TUMOR_FROM"),
+            "stdout": process.stdout}
+
+
+def predict_start_benchmark(model: str, image: Path, volume: Path, runs: int = 5,
+                            before: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``hf-tumor predict`` with the int8 backend as a fresh process, on one slice and on a whole head, beside
+    a bare ONNX Runtime script on the same slice and file: wall time, peak memory and whether PyTorch (or
+    timm, transformers, torchvision) was imported. With ``before`` (a checkout of older code) its CLI is run
+    too, taking turns with this one's, so that both meet the same drift in the machine's speed."""
+    codes = {"after": REPO} if before is None else {"before": Path(before).resolve(), "after": REPO}
+    model_dir, image, volume = Path(model).resolve(), Path(image).resolve(), Path(volume).resolve()
+    base_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    cli_args = ["--model", str(model_dir), "--backend", "onnx-int8", "--json"]
+    measured: dict[str, dict[str, list[dict[str, Any]]]] = {name: {"image": [], "scan": []} for name in codes}
+    bare: list[dict[str, Any]] = []
+    origin: dict[str, str] = {}
+    for _ in range(runs):
+        bare.append(_timed_process([sys.executable, "-c", _BARE_ONNX, str(model_dir), str(image)], base_env, REPO))
+        for name, root in codes.items():
+            env = base_env | {"PYTHONPATH": str(root)}  # and run in root: `python -c` puts the cwd first
+            for what, target in (("image", image), ("scan", volume)):
+                run = _timed_process([sys.executable, "-c", _CLI_WRAPPER, "predict", str(target), *cli_args], env, root)
+                origin[name] = run["from"]
+                measured[name][what].append(run)
+    for name, root in codes.items():  # the code measured must be the code named, not an installed copy
+        if not Path(origin[name]).resolve().is_relative_to(root):
+            raise RuntimeError(f"the {name} runs imported hf_tumor from {origin[name]}, not from {root}")
+
+    bare_probs = np.asarray(json.loads(bare[0]["stdout"]))
+
+    def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        shown_rows = [{"wall_s": round(r["wall_s"], 3), "peak_rss_mb": round(r["peak_rss_mb"]),
+                       "heavy_imported": r["heavy_imported"]} for r in rows]
+        return {"runs": shown_rows, "median": {"wall_s": round(statistics.median(r["wall_s"] for r in rows), 3),
+                                               "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in rows))},
+                "torch_imported": any("torch" in r["heavy_imported"] for r in rows)}
+
+    report: dict[str, Any] = {
+        "what": f"fresh processes, {runs} runs each, taken in turns: `hf-tumor predict FILE --backend onnx-int8 --json` "
+                "on one slice and on a whole head volume, and a bare ONNX Runtime script on the same slice (PIL "
+                "resize and normalisation per the model's config, the same int8 file, nothing else); wall time "
+                "from launch to exit, the process's peak resident memory (VmHWM)",
+        "model": shown(model_dir), "image": shown(image), "volume": shown(volume), "runs": runs,
+        "bare_onnxruntime": summarise(bare),
+    }
+    for name, root in codes.items():
+        image_runs = measured[name]["image"]
+        answer = json.loads(image_runs[0]["stdout"].splitlines()[0])
+        probs = np.asarray([answer["probabilities"][c] for c in answer["probabilities"]])
+        slices = sum('"index"' in line for line in measured[name]["scan"][0]["stdout"].splitlines())
+        entry = {"code": _commit_of(root), "image": summarise(image_runs),
+                 "scan": summarise(measured[name]["scan"]) | {"slices": slices},
+                 "image_answer": answer["label"],
+                 "image_max_probability_difference_from_bare": float(np.abs(probs - bare_probs).max())}
+        entry["image_wall_over_bare"] = round(entry["image"]["median"]["wall_s"] /
+                                              report["bare_onnxruntime"]["median"]["wall_s"], 2)
+        report[name] = entry
+    return report | {"machine": machine()}
+
+
+def _commit_of(root: Path) -> str:
+    """The short commit a checkout is at (with '+changes' where its tree differs from it), else its path."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(root)
+    return f"commit {commit}" + ("+changes" if dirty else "")

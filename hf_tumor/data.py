@@ -19,15 +19,9 @@ import PIL.Image
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
 
+from hf_tumor.augment import AugmentConfig, augment_array, create_train_augment
 from hf_tumor.errors import UserError
-from hf_tumor.preprocessing import (
-    AugmentConfig,
-    augment_array,
-    create_eval_transform,
-    create_train_augment,
-    image_size_of,
-    load_image,
-)
+from hf_tumor.preprocessing import create_eval_transform, image_size_of, load_image
 
 logger = logging.getLogger("hf_tumor")
 
@@ -248,6 +242,7 @@ def split_train_validation(
 
     Without groups every image is its own group. Groups are assigned to their majority label and
     taken, in a seeded random order, into validation until each class holds ``fraction`` of its images.
+    Raises DataError, naming the smallest class size that works, when no image would go to validation.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"validation fraction must be between 0 and 1, got {fraction}")
@@ -270,9 +265,35 @@ def split_train_validation(
                 continue  # a big group would overshoot the class quota; try smaller ones first
             validation.extend(group_indices)
             taken += len(group_indices)
+    if not validation:
+        raise DataError(_no_validation_message(labels, fraction))
     in_validation = set(validation)
     train = [i for i in range(len(labels)) if i not in in_validation]
     return train, sorted(validation)
+
+
+def _smallest_class_with_validation(fraction: float) -> int:
+    """The fewest images a class needs for ``fraction`` of it to round to one validation image."""
+    n = 1
+    while round(fraction * n) < 1:
+        n += 1
+    return n
+
+
+def _no_validation_message(labels: np.ndarray, fraction: float) -> str:
+    # Checkpoint evaluation, the calibration temperature and the domain check's threshold all come from
+    # validation: without it a run could not finish, so it stops before it starts.
+    largest = int(np.bincount(labels).max()) if len(labels) else 0
+    needed = _smallest_class_with_validation(fraction)
+    if largest >= needed:
+        return (f"Training has no validation split: at --validation_fraction {fraction:g} every class's near-duplicate "
+                "groups (kept whole) are too big for its share. Add images, or raise --validation_fraction.")
+    message = (f"Training is too small for a validation split: at --validation_fraction {fraction:g} a class needs at "
+               f"least {needed} images for one to go to validation, and the largest class here has {largest}. Add images")
+    if not largest:
+        return message + "."
+    enough = next(percent / 100 for percent in range(1, 100) if round(percent / 100 * largest) >= 1)
+    return message + f", or pass --validation_fraction {enough:g} or more."
 
 
 def load_splits(

@@ -3,7 +3,7 @@
 A PACS export is a pile of files whose names say nothing about their order. Slices are ordered by
 their position along the slice normal (ImagePositionPatient projected on the cross product of the
 ImageOrientationPatient cosines), the voxel spacing comes from PixelSpacing and the distance between
-positions, and each slice's RescaleSlope/Intercept (or modality LUT) is applied by pydicom. The result
+positions, and each slice is decoded by :mod:`hf_tumor.dicom`, as a slice uploaded alone is. The result
 is a nibabel image in RAS, so :func:`hf_tumor.volumes.volume_from_image` makes it canonical exactly
 as it does a NIfTI file.
 
@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 import nibabel as nib
 import numpy as np
 
+from hf_tumor.dicom import MULTI_FRAME, DicomPixelError, decode, frame_count
 from hf_tumor.volumes import MAX_SIDE, MAX_VOXELS, ChoiceNeeded, VolumeError
 
 MAX_FILES = 4096  # far above any MR series (a 1 mm whole head is ~200 files)
@@ -90,12 +91,13 @@ def _zip_members(archive: zipfile.ZipFile) -> list[Callable[[], io.BufferedIOBas
     return [opener(info) for info in infos]
 
 
-def _headers(openers: Sequence[Callable[[], io.BufferedIOBase]]) -> tuple[list[_Member], int, int]:
-    """The image DICOM files' headers; also how many files were not DICOM and how many held no image."""
+def _headers(openers: Sequence[Callable[[], io.BufferedIOBase]]) -> tuple[list[_Member], int, int, int]:
+    """The image DICOM files' headers; also how many files were not DICOM, how many held no image, and
+    the frame count of a multi-frame file among those (0 if none), to say why when no image is left."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    members, not_dicom, no_image = [], 0, 0
+    members, not_dicom, no_image, multi_frame = [], 0, 0, 0
     for open_member in openers:
         try:
             with open_member() as f:
@@ -109,7 +111,9 @@ def _headers(openers: Sequence[Callable[[], io.BufferedIOBase]]) -> tuple[list[_
             members.append(_Member(open_member, header))
         else:
             no_image += 1  # DICOMDIR, reports, presentation states, or images whose geometry was blanked
-    return members, not_dicom, no_image
+            if frame_count(header) > 1:  # pixels not read here: NumberOfFrames is an image's tag
+                multi_frame = frame_count(header)  # an enhanced file keeps its geometry per frame, not at the top
+    return members, not_dicom, no_image, multi_frame
 
 
 def _has_geometry(header) -> bool:
@@ -141,6 +145,10 @@ def _choose_series(members: list[_Member], series: int | None) -> list[_Member]:
     return ordered[(series or 1) - 1]
 
 
+def _inverted(header) -> bool:
+    return header.get("PhotometricInterpretation") == "MONOCHROME1"
+
+
 def _geometry(group: list[_Member]) -> tuple[list[_Member], np.ndarray]:
     """The slices in order along their normal, and the RAS affine of the stacked (column, row, slice) array."""
     first = group[0].header
@@ -149,10 +157,12 @@ def _geometry(group: list[_Member]) -> tuple[list[_Member], np.ndarray]:
     spacing = np.asarray(first.PixelSpacing, dtype=np.float64)  # (between rows, between columns)
     for member in group:
         h = member.header
-        if int(getattr(h, "NumberOfFrames", 1) or 1) > 1:
-            raise VolumeError("an enhanced (multi-frame) DICOM file; convert it to NIfTI first (e.g. with dcm2niix)")
+        if frame_count(h) > 1:
+            raise VolumeError(MULTI_FRAME.format(n=frame_count(h)))
         if (int(h.Rows), int(h.Columns)) != (rows, columns):
             raise VolumeError("the images of the series differ in size; it is not one volume")
+        if _inverted(h) != _inverted(first):
+            raise VolumeError("the images of the series mix MONOCHROME1 and MONOCHROME2; it is not one volume")
         if not np.allclose(np.asarray(h.ImageOrientationPatient, dtype=np.float64), cosines, atol=1e-3):
             raise VolumeError("the images of the series differ in orientation (a localizer or several stacks); "
                               "it is not one volume")
@@ -182,22 +192,22 @@ def _geometry(group: list[_Member]) -> tuple[list[_Member], np.ndarray]:
 
 
 def _pixels(member: _Member) -> np.ndarray:
+    """One slice's values, decoded as a single uploaded slice is (:mod:`hf_tumor.dicom`)."""
     import pydicom
-    from pydicom.pixels import apply_rescale
 
     try:
         with member.open() as f:
             ds = pydicom.dcmread(f)
-        values = apply_rescale(ds.pixel_array, ds)  # RescaleSlope/Intercept, or the modality LUT
-        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-            values = -np.asarray(values, dtype=np.float32)  # brighter is lower there; windowing comes later
+        pixels = decode(ds)
     except VolumeError:
         raise
+    except DicomPixelError as error:
+        raise VolumeError(f"an image of the series: {error}") from None
     except Exception as error:
         raise VolumeError(f"an image's pixel data cannot be decoded ({type(error).__name__})") from None
-    if values.ndim != 2:
-        raise VolumeError("an image of the series is not a single grey-level frame (colour or multi-frame)")
-    return np.asarray(values, dtype=np.float32).T  # (column, row): the affine's first two axes
+    if pixels.grey is None:
+        raise VolumeError("an image of the series is in colour; a series of grey MR images is needed")
+    return pixels.grey.T  # (column, row): the affine's first two axes
 
 
 def read_series(source: str | os.PathLike | Sequence[str | os.PathLike], series: int | None = None,
@@ -229,12 +239,18 @@ def read_series(source: str | os.PathLike | Sequence[str | os.PathLike], series:
                 if len(source) > MAX_FILES:
                     raise VolumeError(f"{len(source):,} files; a series has at most {MAX_FILES:,}")
                 openers = [(lambda p=Path(p): open(p, "rb")) for p in source]
-            members, not_dicom, no_image = _headers(openers)
+            members, not_dicom, no_image, multi_frame = _headers(openers)
+            if not members and multi_frame:
+                raise VolumeError(MULTI_FRAME.format(n=multi_frame))
             if not members:
                 raise VolumeError(f"no DICOM image found ({not_dicom} files that are not DICOM, {no_image} DICOM "
                                   "files without an image)")
             group, affine = _geometry(_choose_series(members, series))
             data = np.stack([_pixels(member) for member in group], axis=2)
+            if _inverted(group[0].header):
+                # decoded negated; one constant for the whole series puts its darkest voxel at 0, as a
+                # MONOCHROME2 background is, which head detection needs. The per-slice window ignores it.
+                data -= data.min()
         except VolumeError as error:
             raise type(error)(f"{label}: {error}") from None
     return nib.Nifti1Image(data, affine)

@@ -35,7 +35,8 @@ METRIC_DIR = Path(__file__).parent / "metrics" / "classification_report"
 
 EVAL_RESULTS_KEYS = """
 eval_results.json
-  model, data_dir, class_names, image_size, seconds
+  model, data_dir             as given when relative, else the folder's name (no machine's absolute paths)
+  class_names, image_size, seconds
   temperature                 fitted on validation and folded into the saved weights (1.0 = none)
   ood_energy_threshold        energy (-logsumexp of logits) above which the app flags an input;
                               the 99th percentile on validation slices (stored in config.json too)
@@ -105,6 +106,13 @@ def nearest_neighbour_labels(data_dir: str | os.PathLike, query_paths: list[str]
     queries = thumbs[[index[p] for p in query_paths]]
     nearest = (queries @ thumbs[train].T).argmax(dim=1).tolist()
     return [fp.labels[train[j]] for j in nearest]
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """A path fit to be written into a model folder: as given when relative, else only its last part, so
+    that a folder copied or published names no directory of the machine that wrote it."""
+    path = Path(path)
+    return str(path) if not path.is_absolute() else path.name
 
 
 def training_split_settings(model_dir: Path) -> dict[str, Any]:
@@ -182,8 +190,8 @@ def evaluate_model(
     nn_labels = np.array([class_names.index(n) for n in nearest_neighbour_labels(data_dir, test_paths)])
 
     results: dict[str, Any] = {
-        "model": str(model_dir),
-        "data_dir": str(root),
+        "model": portable_path(model_dir),
+        "data_dir": portable_path(data_dir),
         "class_names": class_names,
         "image_size": int(pretrained_cfg["input_size"][-1]),
         "temperature": float(getattr(model.config, "calibration_temperature", temperature)),

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
 import PIL.ImageFilter
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # shown under the heatmap in the app (Markdown): what the map is and what it is not
 MAP_NOTE = (
@@ -58,6 +61,8 @@ class CamExplainer:
 
     def grid(self, pixel_values: np.ndarray, class_index: int) -> np.ndarray:
         """The map of ``class_index`` at the stage's own resolution (h, w), >= 0, not normalised."""
+        import torch  # here, not at the top: MAP_NOTE, head_mask and overlay serve without PyTorch
+
         x = torch.from_numpy(np.ascontiguousarray(pixel_values[:1], dtype=np.float32))
         captured: list[torch.Tensor] = []
 
@@ -90,6 +95,8 @@ class CamExplainer:
         ``inside_head``: 0 outside ``head_mask(pixel_values)``, min-max scaled inside it (the default);
         otherwise min-max scaled over the whole image.
         """
+        import torch
+
         height, width = pixel_values.shape[-2:]
         cells = torch.from_numpy(self.grid(pixel_values, class_index))
         cam = torch.nn.functional.interpolate(cells[None, None], size=(height, width), mode="bilinear",

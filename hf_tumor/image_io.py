@@ -33,30 +33,32 @@ def _is_dicom(head: bytes, path: Path) -> bool:
 
 
 def _read_dicom(path: Path) -> PIL.Image.Image:
+    """A single DICOM slice, decoded and windowed exactly as the same slice inside a series is
+    (the policy: :mod:`hf_tumor.dicom`)."""
     import pydicom
-    from pydicom.pixels import apply_voi_lut
+
+    from hf_tumor.dicom import DicomPixelError, decode
+    from hf_tumor.volumes import display_image
 
     try:
         ds = pydicom.dcmread(str(path))
     except Exception as err:
         raise InputError(f"Not a readable DICOM file ({type(err).__name__}).") from None
-    if "PixelData" not in ds:
-        raise InputError("This DICOM file has no image (no pixel data).")
     try:
-        pixels = ds.pixel_array
-    except Exception as err:
-        raise InputError(f"The DICOM pixel data cannot be decoded ({type(err).__name__}).") from None
-    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
-        pixels = pixels[pixels.shape[0] // 2]  # a multi-frame series: the middle slice
-    pixels = apply_voi_lut(pixels, ds) if pixels.ndim == 2 else pixels
-    return _to_8bit(np.asarray(pixels, dtype=np.float64))
+        pixels = decode(ds)
+    except DicomPixelError as err:
+        raise InputError(f"{str(err)[:1].upper()}{str(err)[1:]}.") from None
+    if pixels.rgb is not None:
+        return PIL.Image.fromarray(pixels.rgb, "RGB")
+    return display_image(pixels.grey, *(pixels.spacing_mm or (1.0, 1.0)))
 
 
 def _to_8bit(pixels: np.ndarray) -> PIL.Image.Image:
+    """A 16-bit or float PIL image stretched min to max: such a file is a display image saved with more
+    bits, so its look is kept. Raw scanner values come as DICOM, windowed by :mod:`hf_tumor.dicom`."""
     low, high = float(pixels.min()), float(pixels.max())
     scaled = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
-    mode = "RGB" if scaled.ndim == 3 else "L"
-    return PIL.Image.fromarray(scaled.round().astype(np.uint8)[..., :3] if mode == "RGB" else scaled.round().astype(np.uint8), mode)
+    return PIL.Image.fromarray(scaled.round().astype(np.uint8), "L")
 
 
 def read_image(path: str | os.PathLike) -> PIL.Image.Image:
@@ -66,8 +68,10 @@ def read_image(path: str | os.PathLike) -> PIL.Image.Image:
     resize, which gives the same input as converting it first in half the time (``EvalTransform.to_array``).
 
     Handles JPEG/PNG/other PIL formats and DICOM; 16-bit, palette, CMYK, RGBA and animated images
-    are converted (first frame); EXIF rotation is applied. Files over MAX_UPLOAD_BYTES and images
-    over MAX_PIXELS are refused before their pixels are decoded, so a decompression bomb costs nothing.
+    are converted (first frame); EXIF rotation is applied. A DICOM slice is decoded and windowed as the
+    same slice inside a series is (:mod:`hf_tumor.dicom`); a multi-frame DICOM file is refused. Files
+    over MAX_UPLOAD_BYTES and images over MAX_PIXELS are refused before their pixels are decoded, so a
+    decompression bomb costs nothing.
     """
     path = Path(path)
     if not path.is_file():

@@ -5,7 +5,9 @@ Space, ``hf-tumor export``'s parity check and evaluation all get their logits th
 below. Reading a file (``image_io``), the preprocessing stored in the model's config
 (``preprocessing``), the backend whose ONNX parity check passed, and the domain check (``domain``).
 
-Serving imports no training stack: no datasets, accelerate, evaluate, scikit-learn or matplotlib.
+Serving imports no training stack: no datasets, accelerate, evaluate, scikit-learn or matplotlib; and
+with an ONNX backend no PyTorch, timm or transformers either (the config is read as JSON, the
+preprocessing is Pillow and NumPy): those load only for the torch backend.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import PIL.Image
-import torch
 
-from hf_tumor.errors import UserError
 from hf_tumor.domain import DomainCheck
+from hf_tumor.errors import UserError
 from hf_tumor.image_io import InputError, read_image
 from hf_tumor.preprocessing import create_eval_transform
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("hf_tumor")
 
@@ -44,6 +48,10 @@ Forward = Callable[[np.ndarray], np.ndarray]  # normalized NCHW float32 batch ->
 
 class BackendError(UserError, RuntimeError):
     """The requested backend cannot be used for this model; the message says how to make it usable."""
+
+
+class ModelConfigError(UserError, ValueError):
+    """A model folder whose config.json cannot be read as a classifier's; the message says what is wrong."""
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -78,6 +86,8 @@ def resolve_model_dir(model: str | os.PathLike, revision: str | None = None) -> 
 
 def torch_forward(model: torch.nn.Module) -> Forward:
     """The PyTorch model's logits in fp32, on whatever device it sits."""
+    import torch
+
     model.eval()
     device = next(model.parameters()).device
 
@@ -151,6 +161,53 @@ def choose_backend(model_dir: Path, requested: str = "auto", parity: dict[str, A
     return requested
 
 
+# --------------------------------------------------------------------------- the model's config
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What serving needs of a model's ``config.json``, read as JSON: transformers' ``AutoConfig`` would
+    import PyTorch, and the ONNX backends need none. For the torch backend it is read from the same file."""
+
+    id2label: dict[int, str]
+    pretrained_cfg: dict[str, Any]
+    ood_energy_threshold: float | None = None  # written by `hf-tumor evaluate` (``hf_tumor.domain``)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+
+def read_config(model_dir: str | os.PathLike) -> ModelConfig:
+    """A model folder's ``config.json`` as ``TimmWrapperConfig`` reads it: class names from ``label_names``
+    (``id2label`` where a config has that instead), timm's ``pretrained_cfg``, the domain check's threshold."""
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelConfigError(f"{path} is not a JSON model config ({type(err).__name__}).") from None
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{path} is not a JSON model config (no object at its top).")
+    names, id2label = raw.get("label_names"), raw.get("id2label")
+    if isinstance(names, list) and names:
+        labels = dict(enumerate(map(str, names)))
+    elif isinstance(id2label, dict) and id2label:
+        try:
+            labels = {int(k): str(v) for k, v in id2label.items()}
+        except ValueError:
+            raise ModelConfigError(f"{path}: id2label has keys that are not class ids.") from None
+    else:
+        raise ModelConfigError(f"{path} names no classes (label_names or id2label): not a classifier trained here.")
+    if sorted(labels) != list(range(len(labels))):
+        raise ModelConfigError(f"{path}: the class ids are not 0 to {len(labels) - 1}.")
+    if not isinstance(raw.get("pretrained_cfg"), dict):
+        raise ModelConfigError(f"{path} has no pretrained_cfg: the preprocessing the model expects is unknown.")
+    threshold = raw.get("ood_energy_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise ModelConfigError(f"{path}: ood_energy_threshold is {threshold!r}, not a number.")
+    return ModelConfig(labels, raw["pretrained_cfg"], None if threshold is None else float(threshold))
+
+
 # --------------------------------------------------------------------------- prediction
 
 
@@ -181,7 +238,7 @@ class Predictor:
     source: str  # what the user named: a folder or a Hub repo id
     model_dir: Path  # where its files are (the Hub cache for a repo id)
     backend: str
-    config: Any
+    config: ModelConfig
     forward: Forward = field(repr=False)
     parity: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -238,16 +295,17 @@ class Predictor:
 
 
 def load_predictor(model: str | os.PathLike, backend: str = "auto", revision: str | None = None) -> Predictor:
-    """Load ``model`` (folder or Hub id) with ``backend`` ('auto': the fastest whose parity check passed)."""
-    from transformers import AutoConfig
+    """Load ``model`` (folder or Hub id) with ``backend`` ('auto': the fastest whose parity check passed).
 
+    Only the torch backend imports PyTorch (and timm and transformers)."""
     model_dir = resolve_model_dir(model, revision)
     parity = read_parity(model_dir)
     chosen = choose_backend(model_dir, backend, parity)
+    config = read_config(model_dir)
     if chosen == "torch":
         from hf_tumor.model import load_model
 
-        torch_model = load_model(model_dir)
-        return Predictor(str(model), model_dir, chosen, torch_model.config, torch_forward(torch_model), parity)
-    session = onnx_session(model_dir / ONNX_DIR / ONNX_FILES[chosen])
-    return Predictor(str(model), model_dir, chosen, AutoConfig.from_pretrained(model_dir), onnx_forward(session), parity)
+        forward = torch_forward(load_model(model_dir))
+    else:
+        forward = onnx_forward(onnx_session(model_dir / ONNX_DIR / ONNX_FILES[chosen]))
+    return Predictor(str(model), model_dir, chosen, config, forward, parity)

@@ -1,26 +1,40 @@
-"""The one preprocessing path, defined by timm's ``pretrained_cfg``.
+"""The one preprocessing path, defined by timm's ``pretrained_cfg``, in Pillow and NumPy.
 
-The config that travels in ``config.json`` is the single source of truth: ``pipeline()`` builds its
-image processor from it (``TimmWrapperImageProcessor``), and training, evaluation and the app build
-theirs from the same dict with the same timm factory. The eval transform is split in two so that the
-expensive half (decode + resize) runs once into a cache and the cheap half (to tensor + normalize)
-runs every time an image is used.
+The config that travels in ``config.json`` is the single source of truth: ``pipeline()`` builds timm's
+eval transform from it (``TimmWrapperImageProcessor``), and training, evaluation and every serving
+backend compute the same transform here, with no PyTorch (the ONNX backends serve without it). The
+config's recipe is a squash resize to a square (``crop_pct`` 1.0, ``crop_mode`` 'squash'), [0, 1],
+normalize; a config asking for anything else is refused rather than approximated, and
+tests/test_serving.py checks the result against timm's own transform bit for bit. The transform is
+split in two so that the expensive half (decode + resize) runs once into a cache and the cheap half
+(to array + normalize) runs every time an image is used. Training's augmentation: ``hf_tumor.augment``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import io
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
-import timm
-import torch
-from timm.data import create_transform, resolve_data_config
-from torchvision.transforms import Compose
-from torchvision.transforms import v2
-from transformers.image_utils import load_image as hf_load_image
+
+from hf_tumor.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# timm's names of Pillow's filters (timm.data.transforms), and its defaults where a config leaves a value out
+RESAMPLING = {"nearest": PIL.Image.Resampling.NEAREST, "bilinear": PIL.Image.Resampling.BILINEAR,
+              "bicubic": PIL.Image.Resampling.BICUBIC, "box": PIL.Image.Resampling.BOX,
+              "hamming": PIL.Image.Resampling.HAMMING, "lanczos": PIL.Image.Resampling.LANCZOS}
+TIMM_DEFAULTS = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                 "crop_pct": 0.875, "crop_mode": "center"}
+
+
+class PreprocessingError(UserError, ValueError):
+    """A model config whose preprocessing this project does not compute; the message says what differs."""
 
 
 def make_pretrained_cfg(model_name: str, image_size: int, interpolation: str = "bilinear") -> dict[str, Any]:
@@ -30,6 +44,8 @@ def make_pretrained_cfg(model_name: str, image_size: int, interpolation: str = "
     and scratch models share one preprocessing; ``crop_pct=1.0`` with ``crop_mode='squash'`` means a
     plain resize with no crop, as in the original project.
     """
+    import timm  # training only: serving reads the cfg from config.json
+
     base = timm.models.get_pretrained_cfg(model_name)
     base = base.to_dict() if base is not None else {}
     return {
@@ -49,33 +65,53 @@ def image_size_of(pretrained_cfg: dict[str, Any]) -> int:
 
 def load_image(source: str | Path | bytes | PIL.Image.Image) -> PIL.Image.Image:
     """Open an image the way ``pipeline()`` does: EXIF orientation applied, converted to RGB."""
-    if isinstance(source, bytes):
-        import io
+    from transformers.image_utils import load_image as hf_load_image  # training and audit; serving has image_io
 
+    if isinstance(source, bytes):
         source = PIL.Image.open(io.BytesIO(source))
     elif isinstance(source, Path):
         source = str(source)
     return hf_load_image(source)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class EvalTransform:
     """timm's eval transform for a ``pretrained_cfg``, split into a cacheable and a per-use half."""
 
-    resize: Compose  # PIL -> PIL of the final size (the expensive part; run once into the cache)
-    to_tensor: Compose  # PIL or HWC uint8 array -> normalized float CHW tensor
+    size: int
+    resample: PIL.Image.Resampling
     mean: np.ndarray  # (3, 1, 1) float32, the Normalize step's own values
     std: np.ndarray
 
+    def resize(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        """The expensive half (run once into the training cache): the squash resize, as torchvision's
+        Resize does it on a PIL image."""
+        return image.resize((self.size, self.size), self.resample)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """The cheap half: resized HWC (or HW grayscale) uint8 pixels to the normalized CHW float32 array,
+        ToTensor + Normalize bit for bit (the same float32 operations in the same order)."""
+        pixels = np.asarray(pixels)
+        if pixels.ndim == 2:
+            chw = np.broadcast_to(pixels.astype(np.float32) / np.float32(255), (3, *pixels.shape))
+        else:  # channels first *before* the float arithmetic: on HWC its inner loops are 3 long (4x slower)
+            chw = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
+        return (chw - self.mean) / self.std
+
+    def to_tensor(self, pixels: PIL.Image.Image | np.ndarray) -> torch.Tensor:
+        """``normalize`` as a torch tensor, for training and evaluation (a resized PIL image or HWC array)."""
+        import torch
+
+        return torch.from_numpy(self.normalize(np.asarray(pixels)))
+
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
+        """The whole transform of an image as given, as a tensor (what timm's transform returns)."""
         return self.to_tensor(self.resize(image))
 
     def to_array(self, image: PIL.Image.Image) -> np.ndarray:
-        """``self(image.convert("RGB"))`` computed in NumPy, bit for bit (same float32 operations in the
-        same order), for an RGB or a grayscale ('L') image.
+        """``self(image.convert("RGB"))`` as a NumPy array, bit for bit, for an RGB or a grayscale ('L') image:
+        what prediction uses.
 
-        What prediction uses: a 49k-element torch op wakes torch's intra-op threads, which then
-        compete with ONNX Runtime's for the 2 cores during the forward that follows (about 1 ms a request).
         A grayscale image is resized as one channel and repeated: Pillow resizes each channel on its
         own, so this equals resizing the RGB conversion, for half the time (0.6 vs 1.2 ms at 512 px).
         So is an RGB image whose channels are all equal (a gray slice saved as a colour JPEG, as most
@@ -83,12 +119,7 @@ class EvalTransform:
         """
         if image.mode == "RGB":
             image = gray_if_neutral(image)
-        resized = np.asarray(self.resize(image))
-        if resized.ndim == 2:
-            pixels = np.broadcast_to(resized.astype(np.float32) / np.float32(255), (3, *resized.shape))
-        else:  # channels first *before* the float arithmetic: on HWC its inner loops are 3 long (4x slower)
-            pixels = np.ascontiguousarray(resized.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
-        return (pixels - self.mean) / self.std
+        return self.normalize(np.asarray(self.resize(image)))
 
 
 def gray_if_neutral(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -101,89 +132,25 @@ def gray_if_neutral(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def create_eval_transform(pretrained_cfg: dict[str, Any]) -> EvalTransform:
-    """Build the eval transform with timm's own factory, exactly as ``TimmWrapperImageProcessor`` does."""
-    data_config = resolve_data_config(pretrained_cfg, model=None, verbose=False)
-    full = create_transform(**data_config, is_training=False)
-    steps = list(full.transforms)
-    split = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
-    normalize = next(t for t in steps[split:] if type(t).__name__ == "Normalize")
-    mean, std = (np.asarray(v, dtype=np.float32).reshape(3, 1, 1) for v in (normalize.mean, normalize.std))
-    return EvalTransform(resize=Compose(steps[:split]), to_tensor=Compose(steps[split:]), mean=mean, std=std)
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation, applied to the cached (already resized) uint8 images."""
-
-    hflip: float = field(default=0.5, metadata={"help": "Probability of a horizontal flip."})
-    vflip: float = field(default=0.0, metadata={"help": "Probability of a vertical flip."})
-    rotation: float = field(default=12.0, metadata={"help": "Maximum rotation in degrees."})
-    translate: float = field(default=0.08, metadata={"help": "Maximum shift as a fraction of the size."})
-    scale: float = field(default=0.10, metadata={"help": "Maximum zoom in or out as a fraction."})
-    crop_scale: float = field(default=1.0, metadata={"help": "Smallest area kept by the random resized crop (1: no crop, the recipe's)."})
-    brightness: float = field(default=0.2, metadata={"help": "Brightness jitter factor (0: none)."})
-    contrast: float = field(default=0.2, metadata={"help": "Contrast jitter factor (0: none)."})
-    mri: float = field(
-        default=0.15,
-        metadata={"help": "Probability of each of TorchIO's MRI artefacts (bias field, gamma, blur, resolution loss, "
-                          "noise), applied to the grey image (0: none; needs hf-tumor[train])."},
-    )
-
-
-def create_train_augment(aug: AugmentConfig, image_size: int) -> v2.Compose:
-    """Random geometric and photometric augmentation on uint8 CHW tensors (size is preserved)."""
-    steps: list[v2.Transform] = []
-    if aug.crop_scale < 1.0:
-        steps.append(v2.RandomResizedCrop(image_size, scale=(aug.crop_scale, 1.0), ratio=(0.9, 1.1), antialias=True))
-    if aug.hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(aug.hflip))
-    if aug.vflip > 0:
-        steps.append(v2.RandomVerticalFlip(aug.vflip))
-    if aug.rotation > 0 or aug.translate > 0 or aug.scale > 0:
-        steps.append(
-            v2.RandomAffine(
-                degrees=aug.rotation,
-                translate=(aug.translate, aug.translate),
-                scale=(1 - aug.scale, 1 + aug.scale),
-                interpolation=v2.InterpolationMode.BILINEAR,
-            )
-        )
-    if aug.brightness > 0 or aug.contrast > 0:
-        steps.append(v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
-    if aug.mri > 0:
-        steps.append(MriArtefacts(aug.mri))
-    return v2.Compose(steps)
-
-
-class MriArtefacts:
-    """What differs between MRI scanners and protocols, drawn at random with TorchIO: a smooth bias
-    field (coil sensitivity), a gamma (contrast and windowing), blur and resolution loss along one
-    in-plane axis (thick or anisotropic acquisitions), Rician-like noise. Each with probability ``p``.
-
-    TorchIO is the field's library for this (its transforms are the ones MRI papers use); it works on
-    4-D (C, W, H, D) volumes, so a slice goes in as a one-voxel-thick volume. Works on uint8 CHW
-    tensors, as the other training steps do; the image is made grey first (the slices are grey).
-    """
-
-    def __init__(self, p: float):
-        import torchio as tio  # a training dependency only: serving never builds this
-
-        self.transform = tio.Compose([
-            tio.RandomBiasField(coefficients=0.3, order=3, p=p),
-            tio.RandomGamma(log_gamma=(-0.3, 0.3), p=p),
-            tio.RandomBlur(std=(0.0, 1.5), p=p),
-            tio.RandomAnisotropy(axes=(0, 1), downsampling=(1.5, 4.0), p=p),
-            tio.RandomNoise(std=(0.0, 0.04), p=p),
-        ])
-
-    def __call__(self, chw: torch.Tensor) -> torch.Tensor:
-        grey = chw.float().mean(dim=0, keepdim=True) / 255.0  # (1, H, W)
-        out = self.transform(grey.unsqueeze(-1)).squeeze(-1)  # TorchIO takes (C, W, H, D)
-        out = (out.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-        return out.expand(chw.shape[0], -1, -1).contiguous()
-
-
-def augment_array(pixels: np.ndarray, augment: v2.Compose) -> np.ndarray:
-    """Apply a uint8 tensor augmentation to an HWC uint8 array and return an HWC uint8 array."""
-    chw = torch.from_numpy(pixels).permute(2, 0, 1)
-    return augment(chw).permute(1, 2, 0).numpy()
+    """The eval transform timm builds from ``pretrained_cfg`` (``resolve_data_config`` + ``create_transform``),
+    for the configs whose transform is a squash resize with no crop; any other is a PreprocessingError."""
+    cfg = {key: pretrained_cfg.get(key) or default for key, default in TIMM_DEFAULTS.items()}
+    input_size = pretrained_cfg.get("input_size")
+    if input_size is None or len(input_size) != 3 or int(input_size[0]) != 3 or input_size[1] != input_size[2]:
+        raise PreprocessingError(f"the model's pretrained_cfg has input_size {input_size}; only a 3-channel "
+                                 "square input, [3, N, N], is supported")
+    if cfg["crop_mode"] != "squash" or float(cfg["crop_pct"]) != 1.0:
+        raise PreprocessingError(f"the model's pretrained_cfg asks for crop_mode {cfg['crop_mode']!r} with crop_pct "
+                                 f"{cfg['crop_pct']}; only a resize with no crop (crop_mode 'squash', crop_pct 1.0) "
+                                 "is supported")
+    if cfg["interpolation"] not in RESAMPLING:
+        raise PreprocessingError(f"the model's pretrained_cfg asks for interpolation {cfg['interpolation']!r}; "
+                                 f"supported: {', '.join(RESAMPLING)}")
+    mean, std = (np.asarray(cfg[key], dtype=np.float32).reshape(-1, 1, 1) for key in ("mean", "std"))
+    if mean.shape[0] == 1:  # timm repeats a one-value mean or std over the channels
+        mean = np.repeat(mean, 3, axis=0)
+    if std.shape[0] == 1:
+        std = np.repeat(std, 3, axis=0)
+    if mean.shape[0] != 3 or std.shape[0] != 3:
+        raise PreprocessingError("the model's pretrained_cfg needs 3 values (or one) for mean and for std")
+    return EvalTransform(int(input_size[-1]), RESAMPLING[cfg["interpolation"]], mean, std)

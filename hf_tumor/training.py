@@ -2,9 +2,10 @@
 
 Arguments are dataclasses read by ``HfArgumentParser`` (plus ``TrainingArguments``); a JSON or YAML
 file may give them too, with command-line flags overriding it. The defaults are the recipe of the
-bundled model (``models/resnetv2_50-scratch-128``): a bare ``hf-tumor train --init scratch`` trains it
-again. ``main()`` reads top to bottom: parse, load data, build the model, train, save the model
-folder, evaluate on test once.
+bundled model (``models/resnetv2_50-scratch-128``) but for one field: its healthy slices also came from
+a Debian package, so ``hf-tumor train --init scratch --healthy_sources mni152 itk_t1`` trains it again.
+``main()`` reads top to bottom: parse, load data, build the model, train, save the model folder,
+evaluate on test once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_tumor.audit import run_audit, train_groups
+from hf_tumor.augment import AugmentConfig
 from hf_tumor.data import (
     DataError,
     attach_transforms,
@@ -44,7 +46,7 @@ from hf_tumor.evaluation import classification_metrics, evaluate_model
 from hf_tumor.inference import ARGS_FILE
 from hf_tumor.model import INIT_CHOICES, create_model, save_model_atomically
 from hf_tumor.plots import plot_training_curves
-from hf_tumor.preprocessing import AugmentConfig, make_pretrained_cfg
+from hf_tumor.preprocessing import make_pretrained_cfg
 from hf_tumor.runtime import accelerator_available, bf16_available, hardware_description, setup_logging
 
 logger = logging.getLogger("hf_tumor")
@@ -72,14 +74,25 @@ class DataArguments:
         default=None, metadata={"help": "Use only the first N images of each class per split (quick runs, tests)."}
     )
     healthy_sources: list[str] = field(
-        default_factory=lambda: ["mni152", "itk_t1"],
+        default_factory=lambda: ["mni152"],
         metadata={"help": "Healthy MRI volumes of `hf-tumor external` whose slices, in all three planes from skull "
-                          "base to vertex, join Training as extra notumor examples (needs hf-tumor[external]; itk_t1 "
-                          "needs Debian's insighttoolkit5-examples). `hf-tumor external` then leaves them out of the "
+                          "base to vertex, join Training as extra notumor examples (needs hf-tumor[external]). The "
+                          "default needs PyPI packages only; 'mni152 itk_t1' is the bundled model's run (itk_t1 needs "
+                          "Debian's insighttoolkit5-examples). `hf-tumor external` then leaves them out of the "
                           "model's report. 'none': the Kaggle folders alone."},
     )
     healthy_per_plane: int = field(
         default=16, metadata={"help": "Evenly spaced slices per plane and volume taken from --healthy_sources."}
+    )
+    patient_sources: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Real patients with a tumour mask (folder names under --patients_dir) whose axial slices join "
+                          "Training: lesion slices as glioma, tumour-free slices of the same scans as notumor. "
+                          "`hf-tumor patients` then reports them apart. Default: none."},
+    )
+    patients_dir: str | None = field(
+        default=None, metadata={"help": "Folder holding the patients' folders. Default: $HF_TUMOR_PATIENTS, else "
+                                        "shared/data beside the repository."},
     )
     evaluate_test: bool = field(
         default=True,
@@ -123,7 +136,9 @@ class ModelArguments:
 # Defaults of ours for TrainingArguments fields; any of them can still be set on the command line.
 # With the dataclass defaults above they are the bundled model's recipe (docs/experiments.md, candidate 3):
 # one 24-epoch cosine cycle from scratch at 128 px, no gradient clipping, the last epoch kept; TorchIO's
-# MRI artefacts at 0.15 and 96 healthy whole-head slices among the notumor examples.
+# MRI artefacts at 0.15 and healthy whole-head slices among the notumor examples. One difference: the
+# bundled run cut its 96 healthy slices from mni152 and itk_t1, the defaults take 48 from mni152 alone
+# so that a bare run needs nothing outside PyPI (`--healthy_sources mni152 itk_t1` is the bundled run).
 TRAINING_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/resnetv2_50",
     "num_train_epochs": 24,
@@ -339,6 +354,8 @@ def prepare_data(data_args: DataArguments, model_args: ModelArguments, training_
     names = class_names(splits["train"])
     if data_args.healthy_sources:
         splits["train"] = add_healthy_slices(splits["train"], data_args, pretrained_cfg)
+    if data_args.patient_sources:
+        splits["train"] = add_patient_slices(splits["train"], data_args, pretrained_cfg)
     logger.info("classes %s; train %d, validation %d, test %d images",
                 names, len(splits["train"]), len(splits["validation"]), len(splits["test"]))
     return PreparedData(data_dir, pretrained_cfg, audit, splits, names)
@@ -372,6 +389,29 @@ def add_healthy_slices(train: Dataset, data_args: DataArguments, pretrained_cfg:
     )
     logger.info("added %d healthy slices of %s as %s training examples", len(extra), ", ".join(data_args.healthy_sources), HEALTHY_LABEL)
     return concatenate_datasets([train, extra])
+
+
+def add_patient_slices(train: Dataset, data_args: DataArguments, pretrained_cfg: dict[str, Any]) -> Dataset:
+    """Training plus the masked patients' axial slices: lesion slices as glioma, tumour-free ones as the
+    healthy class (:mod:`hf_tumor.patient_slices`). Validation stays Kaggle only."""
+    from hf_tumor.patient_slices import collect
+    from hf_tumor.patients import HEALTHY_LABEL, PatientDataError
+
+    names = class_names(train)
+    try:
+        found = collect(data_args.patient_sources, data_args.patients_dir)
+    except PatientDataError as error:
+        raise DataError(str(error)) from error
+    parts = [train]
+    for label in sorted({HEALTHY_LABEL} | {s.label for s in found if s.lesion}):
+        if label not in names:
+            raise DataError(f"--patient_sources labels slices {label!r}, which is not one of the classes {names}")
+        chosen = [s for s in found if (s.label if s.lesion else HEALTHY_LABEL) == label]
+        parts.append(cached_rows([s.image for s in chosen],
+                                 [f"patient:{s.patient}/{s.sequence}/{s.index:03d}" for s in chosen],
+                                 names.index(label), train.features, pretrained_cfg))
+        logger.info("added %d slices of patients %s as %s", len(chosen), ", ".join(data_args.patient_sources), label)
+    return concatenate_datasets(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

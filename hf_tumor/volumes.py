@@ -170,14 +170,32 @@ def window(slice2d: np.ndarray) -> Image.Image:
     """An 8-bit grey image windowed to the slice's own 1st-99th intensity percentile.
 
     That is a viewer's auto-window: MRI intensities have no absolute scale, so each slice is
-    stretched to its own range, with the brightest 1% (vessels, fat, artefacts) saturating.
+    stretched to its own range, with the brightest 1% (vessels, fat, artefacts) saturating. Computed in
+    float64, so that shifting a slice's values by a constant (as a MONOCHROME1 series is, :mod:`hf_tumor.dicom`)
+    leaves its 8-bit image as it is.
     """
-    values = np.asarray(slice2d, dtype=np.float32)
+    values = np.asarray(slice2d, dtype=np.float64)
     low, high = np.percentile(values, [1, 99])
     if high <= low:
         return Image.fromarray(np.zeros(values.shape, dtype=np.uint8), mode="L")
     scaled = (values - low) * (255.0 / (high - low))
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def display_image(slice2d: np.ndarray, row_mm: float = 1.0, col_mm: float = 1.0) -> Image.Image:
+    """How every grey slice of raw intensities reaches the model: a slice cut from a volume and a DICOM
+    slice read alone alike (:mod:`hf_tumor.dicom`), so a slice gives the same image either way.
+
+    The slice is windowed to its own 1st-99th percentile (:func:`window`), then its pixels are made square
+    by enlarging the coarser axis to the finer spacing (bilinear), so anisotropic pixels do not squash
+    the anatomy. ``row_mm`` is the spacing between rows, ``col_mm`` between columns.
+    """
+    image = window(slice2d)
+    if not np.isclose(row_mm, col_mm, rtol=1e-3):
+        pixel = min(row_mm, col_mm)
+        size = (max(1, round(slice2d.shape[1] * col_mm / pixel)), max(1, round(slice2d.shape[0] * row_mm / pixel)))
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return image
 
 
 def _display_array(volume: Volume, plane: str, index: int) -> tuple[np.ndarray, float, float]:
@@ -196,8 +214,7 @@ def slices(volume: Volume, plane: Plane, count: int | None = None) -> list[Slice
     """Slices along ``plane`` within the head extent, in display orientation, with square pixels.
 
     ``count`` picks that many evenly spaced slices from the first to the last head slice (all of
-    them when None). Pixels are made square by enlarging the coarser in-plane axis to the finer
-    spacing (bilinear, after windowing), so anisotropic voxels do not squash the anatomy.
+    them when None). Each is shown by :func:`display_image`.
     """
     if plane not in PLANE_AXIS:
         raise ValueError(f"unknown plane {plane!r}; expected one of {sorted(PLANE_AXIS)}")
@@ -210,12 +227,7 @@ def slices(volume: Volume, plane: Plane, count: int | None = None) -> list[Slice
             indices = sorted({int(i) for i in np.rint(np.linspace(first, last, count))})
     out = []
     for index in indices:
-        array, row_mm, col_mm = _display_array(volume, plane, index)
-        image = window(array)
-        if not np.isclose(row_mm, col_mm, rtol=1e-3):
-            pixel = min(row_mm, col_mm)
-            size = (max(1, round(array.shape[1] * col_mm / pixel)), max(1, round(array.shape[0] * row_mm / pixel)))
-            image = image.resize(size, Image.Resampling.BILINEAR)
+        image = display_image(*_display_array(volume, plane, index))
         level = (index - first) / (last - first) if last > first else 0.5
         out.append(Slice(image=image, plane=plane, index=index, level=float(level)))
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -38,7 +39,21 @@ PRIVACY = (
 )
 
 
-def build_demo(predictor: Predictor, explainer: CamExplainer) -> gr.Blocks:
+class LazyExplainer:
+    """The heatmap's explainer, loaded at the first heatmap: with an ONNX backend the app starts, and
+    answers (/classify, batches, scans), without importing PyTorch; only the heatmap needs it."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir, self._explainer, self._lock = model_dir, None, threading.Lock()
+
+    def heatmap(self, pixel_values, class_index: int):
+        with self._lock:  # two first requests at once load it once
+            if self._explainer is None:
+                self._explainer = CamExplainer(self.model_dir)
+        return self._explainer.heatmap(pixel_values, class_index)
+
+
+def build_demo(predictor: Predictor, explainer: CamExplainer | LazyExplainer) -> gr.Blocks:
     """The UI: one slice with probabilities and a heatmap, many slices as a table and CSV, or a whole scan."""
     summary = model_summary(predictor.model_dir)
     card = (MODEL_CARD_URL.format(predictor.source) if not Path(predictor.source).exists()
@@ -219,7 +234,7 @@ def main() -> None:
     try:
         predictor = load_predictor(model, os.environ.get("HF_TUMOR_BACKEND", "auto"),
                                    revision=os.environ.get("HF_TUMOR_REVISION"))  # pin a Hub model's revision
-        explainer = CamExplainer(predictor.model_dir)
+        explainer = LazyExplainer(predictor.model_dir)
     except UserError as err:
         sys.exit(str(err))
     except OSError as err:

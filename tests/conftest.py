@@ -20,6 +20,35 @@ SHARED_DATA = Path(os.environ.get("HF_TUMOR_TEST_DATA", REPO.parent / "shared" /
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 BUNDLED_MODEL = REPO / "models" / "resnetv2_50-scratch-128"
 TEST_IMAGE_SIZE = 64
+# Set by `make test` (and so CI): a test that would skip for want of a program, a package or data (chromium,
+# npm, the ITK example volume, an optional Python package) fails instead, so that nothing is left out unseen.
+REQUIRE_ALL = os.environ.get("HF_TUMOR_REQUIRE_ALL") == "1"
+
+
+def _skip_reason(longrepr) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (file, line, "Skipped: reason")
+        return f"{longrepr[2].removeprefix('Skipped: ')} ({longrepr[0]}:{longrepr[1]})"
+    return str(longrepr)
+
+
+def _skip_to_failure(report) -> None:
+    report.outcome = "failed"
+    report.longrepr = (f"skipped under HF_TUMOR_REQUIRE_ALL=1 (make test runs every test): {_skip_reason(report.longrepr)}; "
+                       "`make system-deps` installs chromium, npm and the ITK data, `make setup` the Python packages")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        _skip_to_failure(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    report = (yield).get_result()
+    if REQUIRE_ALL and report.skipped:  # a module-level importorskip
+        _skip_to_failure(report)
 
 
 def real_images(split: str, cls: str, n: int) -> list[Path]:

@@ -358,7 +358,8 @@ def test_domain_check_on_offline_images():
     from hf_tumor.benchmark import ood_report
 
     report = ood_report(load_predictor(BUNDLED_MODEL), [str(p) for c in CLASSES for p in real_images("Testing", c, 3)])
-    assert report["non_mri_images"] >= 15
-    # what image statistics cannot tell from a slice: a gray photo with a dark region and a low energy score
+    # 15 of the 16 caught, as by the bundled model; the one it may miss is what image statistics cannot
+    # tell from a slice: a gray photo with a dark region and a low energy score
+    assert report["non_mri_images"] == 16 and len(report["non_mri_missed"]) <= 1, report["non_mri_missed"]
     assert set(report["non_mri_missed"]) <= {"gray china.jpg", "gray flower.jpg"}, report["non_mri_missed"]
     assert report["mri_wrongly_flagged"] <= 1 / 12

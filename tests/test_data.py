@@ -124,6 +124,21 @@ def test_split_is_stratified_and_keeps_groups_together():
     assert split_train_validation(labels, 0.15, 2, groups) != (train, val)
 
 
+@pytest.mark.parametrize("fraction, minimum", [(0.05, 11), (0.15, 4), (0.25, 3)])
+def test_a_split_without_validation_is_refused_naming_the_minimum(fraction: float, minimum: int):
+    """The smallest class size that puts one image into validation is the one the error names."""
+    below = [label for label in range(4) for _ in range(minimum - 1)]
+    with pytest.raises(DataError, match=rf"--validation_fraction {fraction:g} a class needs at least {minimum} images.*"
+                                        rf"largest class here has {minimum - 1}\. Add images, or pass --validation_fraction"):
+        split_train_validation(below, fraction, seed=0)
+    at = [label for label in range(4) for _ in range(minimum)]
+    train, val = split_train_validation(at, fraction, seed=0)
+    assert sorted(at[i] for i in val) == [0, 1, 2, 3] and len(train) == 4 * minimum - 4
+    # groups kept whole can leave validation empty too: said so, not a KeyError later
+    with pytest.raises(DataError, match="near-duplicate groups"):
+        split_train_validation([0] * 40, 0.05, seed=0, groups=["a"] * 20 + ["b"] * 20)
+
+
 def test_cached_pixels_equal_the_pipeline_resize(tiny_data):
     """The cache holds exactly what timm's eval transform makes of the file (RGB, EXIF, resize)."""
     from hf_tumor.preprocessing import create_eval_transform, load_image
@@ -180,7 +195,7 @@ def test_mri_artefacts_change_a_real_slice_and_keep_it_a_grey_uint8_image(slice_
     and the off switch leaves the augmentation as it was (no TorchIO step at all)."""
     import torch
 
-    from hf_tumor.preprocessing import AugmentConfig, MriArtefacts, augment_array, create_train_augment
+    from hf_tumor.augment import AugmentConfig, MriArtefacts, augment_array, create_train_augment
 
     pixels = np.array(slice_image.convert("RGB").resize((96, 96)))
     torch.manual_seed(0)

@@ -16,11 +16,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import real_images
+from conftest import REPO, real_images
 from hf_tumor.dicom_series import MAX_RATIO, SeriesChoiceError, read_series
 from hf_tumor.inference import BUNDLED_MODEL, load_predictor
 from hf_tumor.scan import edge_flag, format_summary, index_ranges, is_scan, load_scan, predict_scan
-from hf_tumor.volumes import VolumeError, head_extent, load_nifti
+from hf_tumor.image_io import InputError, read_image
+from hf_tumor.volumes import VolumeError, head_extent, load_nifti, slices, window
 
 PATIENT = "Doe^Jane"  # written into every DICOM header; must never come out
 
@@ -123,7 +124,8 @@ def test_a_dicom_series_reads_back_as_the_volume_it_was_written_from(mni_img, tm
 def test_monochrome1_is_read_with_brighter_meaning_brighter(mni_img, tmp_path):
     write_series(mni_img, tmp_path / "m2")
     write_series(mni_img, tmp_path / "m1", photometric="MONOCHROME1")
-    assert np.array_equal(load_scan(tmp_path / "m1").data, -load_scan(tmp_path / "m2").data)
+    m2 = load_scan(tmp_path / "m2").data
+    assert np.array_equal(load_scan(tmp_path / "m1").data, m2.max() - m2)  # inverted, its darkest voxel at 0
 
 
 def test_images_whose_geometry_was_blanked_are_not_taken_for_a_series(mni_img, tmp_path):
@@ -146,6 +148,106 @@ def test_a_dicom_series_is_answered_as_its_nifti_is(mni_img, tmp_path, predictor
     differences = [abs(a.prediction.probabilities[c] - b.prediction.probabilities[c])
                    for a, b in zip(from_dicom.slices, from_nifti.slices) for c in predictor.class_names]
     assert max(differences) < 0.02  # rescale quantization only: each slice is windowed to its own percentiles
+
+
+# --------------------------------------------------------------------------- one slice, alone or in a series
+
+TCGA_T1C = REPO.parent / "shared" / "data" / "tcga-lgg-fg-6692" / "with-skull" / "t1c.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def tcga_slice() -> np.ndarray:
+    """Axial slice 18 of a real lower-grade glioma patient's T1c (int16, as scanned), as a viewer shows it:
+    rows anterior to posterior, columns the patient's right to left (the layout of an axial DICOM image)."""
+    if not TCGA_T1C.is_file():
+        pytest.fail(f"test data missing: {TCGA_T1C} (the shared copy of TCGA-FG-6692)")
+    img = nib.as_closest_canonical(nib.load(TCGA_T1C))
+    return np.asarray(img.dataobj[:, :, 18])[::-1, ::-1].T
+
+
+def write_slice(path: Path, values: np.ndarray, *, position: float = 0.0, series_uid: str | None = None,
+                photometric: str = "MONOCHROME2", spacing=(0.9, 0.9), frames: int = 1) -> Path:
+    """One axial MR image as a scanner writes it: uint16 through RescaleSlope 0.5 / RescaleIntercept -100,
+    a display window that would clip most of the head if applied, and MONOCHROME1 stored inverted. A colour
+    ``values`` (rows, columns, 3) is written as RGB; ``frames`` repeats the image as a multi-frame file."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.Modality, ds.SeriesInstanceUID = PATIENT, "MR", series_uid or generate_uid()
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, float(position)], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [float(s) for s in spacing]
+    ds.Rows, ds.Columns = values.shape[:2]
+    if values.ndim == 3:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        stored = values.astype(np.uint8)
+    else:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -100.0
+        ds.WindowCenter, ds.WindowWidth = 150.0, 100.0
+        stored = np.rint((values.astype(np.float64) + 100.0) / 0.5)
+        stored = (60000 - stored if photometric == "MONOCHROME1" else stored).astype(np.uint16)
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = np.concatenate([stored.ravel()] * frames).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("photometric, spacing", [("MONOCHROME2", (0.9, 0.9)), ("MONOCHROME1", (0.9, 0.9)),
+                                                  ("MONOCHROME2", (0.9, 1.8))])
+def test_a_dicom_slice_gives_the_same_image_and_answer_alone_and_inside_a_series(tcga_slice, tmp_path, predictor,
+                                                                                 photometric, spacing):
+    """One decoder and one window (the slice's own 1st-99th percentile, the file's window ignored) whatever
+    the path: uploaded alone, or one of three copies of itself in a series stacked into a volume and cut."""
+    alone = write_slice(tmp_path / "alone.dcm", tcga_slice, photometric=photometric, spacing=spacing)
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    for n in range(3):
+        write_slice(tmp_path / "series" / f"{n}.dcm", tcga_slice, position=5.5 * n, series_uid=uid,
+                    photometric=photometric, spacing=spacing)
+    image = read_image(alone)
+    cut = slices(load_scan(tmp_path / "series"), "axial")
+    assert len(cut) == 3 and image.mode == "L"
+    assert image.size == cut[1].image.size == (round(tcga_slice.shape[1] * spacing[1] / 0.9), tcga_slice.shape[0])
+    assert np.array_equal(np.asarray(image), np.asarray(cut[1].image))
+    if spacing[0] == spacing[1]:  # the stated policy, on the scanner's values themselves
+        assert np.abs(np.asarray(image, np.int16) - np.asarray(window(tcga_slice), np.int16)).max() <= 1
+    single = predictor.predict_files([alone])[0]
+    scanned = predict_scan(predictor, load_scan(tmp_path / "series")).slices[1].prediction
+    assert single.error is None and single.label == scanned.label
+    assert single.probabilities == pytest.approx(scanned.probabilities, abs=1e-5)
+
+
+def test_multi_frame_and_colour_dicom_follow_one_policy_alone_and_in_a_series(tcga_slice, tmp_path):
+    multi = write_slice(tmp_path / "multi" / "mf.dcm", tcga_slice, frames=3)
+    with pytest.raises(InputError, match="multi-frame .* with 3 frames.*dcm2niix"):
+        read_image(multi)
+    with pytest.raises(VolumeError, match="multi-frame .* with 3 frames.*dcm2niix"):
+        load_scan(tmp_path / "multi")
+    import pydicom
+
+    ds = pydicom.dcmread(multi)
+    del ds.ImagePositionPatient  # an enhanced file keeps its geometry per frame, not at the top
+    ds.save_as(multi)
+    with pytest.raises(VolumeError, match="multi-frame .* with 3 frames"):
+        load_scan(tmp_path / "multi")
+    # colour: read alone as the RGB image it holds; no MR series is in colour
+    rgb = np.stack([np.clip(tcga_slice // 8, 0, 255)] * 3, axis=-1).astype(np.uint8)
+    rgb[..., 0] = 255 - rgb[..., 0]
+    assert np.array_equal(np.asarray(read_image(write_slice(tmp_path / "rgb.dcm", rgb))), rgb)
+    for n in range(3):
+        write_slice(tmp_path / "colour" / f"{n}.dcm", rgb, position=5.5 * n, series_uid="1.2.826.0.1.3680043.8.498.2")
+    with pytest.raises(VolumeError, match="in colour"):
+        load_scan(tmp_path / "colour")
 
 
 # --------------------------------------------------------------------------- answering

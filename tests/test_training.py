@@ -42,7 +42,8 @@ def resolved_defaults(tmp_path: Path, argv: list[str]) -> dict:
 
 def test_defaults_are_the_bundled_recipe(tmp_path: Path, monkeypatch):
     """A bare `hf-tumor train --init scratch` trains what is bundled: its resolved arguments equal the bundled
-    run's in every field but paths, seed and where it ran."""
+    run's in every field but paths, seed, where it ran and one declared difference: the defaults' healthy
+    slices need PyPI packages only, the bundled run also cut the ITK head of a Debian package."""
     # --bf16 and --use_cpu follow the machine (native bf16? a GPU?). The bundled run was trained with bf16
     # autocast on a CPU with native bf16 (AVX512-BF16); probing as that machine compares those two fields
     # too, on any machine, instead of ignoring them.
@@ -64,14 +65,38 @@ def test_defaults_are_the_bundled_recipe(tmp_path: Path, monkeypatch):
         return flat
 
     ours, theirs = fields(mine), fields(bundled)
-    assert set(ours) == set(theirs)
+    # options added after the bundled run, absent from its record: each must default to off
+    newer = {("DataArguments", "patient_sources"): [], ("DataArguments", "patients_dir"): None}
+    assert set(ours) == set(theirs) | set(newer)
+    assert {key: ours.pop(key) for key in newer} == newer
     differing = {key: (ours[key], theirs[key]) for key in ours if ours[key] != theirs[key]}
-    assert differing == {}, differing
+    assert differing == {("DataArguments", "healthy_sources"): (["mni152"], ["mni152", "itk_t1"])}, differing
     assert bundled["TrainingArguments"]["bf16"] is True and mine["TrainingArguments"]["bf16"] is True
     # --init is the one flag the recipe sets: the default stays timm's ImageNet weights from the Hub
     assert parse_args([])[1].init == "imagenet"
     # `--healthy_sources none` trains on the Kaggle folders alone
     assert parse_args(["--healthy_sources", "none"])[0].healthy_sources == []
+
+
+def test_bundled_json_names_no_absolute_path():
+    """What the repository ships names no directory of the machine that made it; the writer keeps it so."""
+    from hf_tumor.evaluation import portable_path
+
+    def strings(value):
+        if isinstance(value, dict):
+            yield from (s for v in value.values() for s in strings(v))
+        elif isinstance(value, list):
+            yield from (s for v in value for s in strings(v))
+        elif isinstance(value, str):
+            yield value
+
+    files = sorted((REPO / "models").rglob("*.json"))
+    assert BUNDLED_MODEL / "eval_results.json" in files and BUNDLED_MODEL / "onnx" / "parity.json" in files
+    absolute = {f"{f.relative_to(REPO)}: {s}" for f in files for s in strings(json.loads(f.read_text()))
+                if s.startswith(("/", "~")) or any(f" {root}" in s for root in ("/work/", "/root/", "/tmp/", "/home/"))}
+    assert absolute == set()
+    assert portable_path("../shared/data/brain-tumor-mri") == "../shared/data/brain-tumor-mri"
+    assert portable_path("/work/shared/data/brain-tumor-mri") == "brain-tumor-mri"
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -176,6 +201,8 @@ def test_eval_results(trained_model: Path, tiny_data: Path):
 
     results = json.loads((trained_model / "eval_results.json").read_text())
     assert set(results["splits"]) == {"validation", "test", "clean_test"}
+    # trained and evaluated with absolute paths: the folder names no directory of this machine
+    assert results["model"] == trained_model.name and results["data_dir"] == tiny_data.name
     leaked = set(run_audit(tiny_data)["test_with_train_twin"]["paths"])
     n_clean = sum(f"Testing/{c}/{p.name}" not in leaked for c in CLASSES for p in (tiny_data / "Testing" / c).iterdir())
     assert results["splits"]["clean_test"]["num_images"] == n_clean
@@ -402,3 +429,50 @@ def test_healthy_volume_slices_join_training_and_leave_the_external_report(tiny_
     report = json.loads(report_file.read_text())
     assert report["trained_on"] == ["dipy_s0"]
     assert sorted(report["sources"]) == sorted(s for s in available_sources() if s != "dipy_s0")
+
+
+@pytest.mark.slow
+def test_bare_train_needs_pypi_packages_only(tiny_data: Path, tmp_path: Path, monkeypatch, capsys):
+    """`hf-tumor train --init scratch --max_steps 1` with every other default (128 px, batch 32, the default
+    healthy slices) trains and evaluates with the Debian ITK data absent; asking for it then says what to install."""
+    from hf_tumor.cli import main as cli
+    from hf_tumor.external import available_sources
+
+    monkeypatch.setattr("hf_tumor.external.ITK_DATA", tmp_path / "no-insighttoolkit5-examples")
+    assert "itk_t1" not in available_sources() and "mni152" in available_sources()
+    out = tmp_path / "bare"
+    assert cli(["train", "--init", "scratch", "--max_steps", "1", "--data_dir", str(tiny_data), "--output_dir", str(out)]) == 0
+    resolved = json.loads((out / "train_args.json").read_text())
+    assert resolved["DataArguments"]["healthy_sources"] == ["mni152"]
+    assert resolved["DataArguments"]["image_size"] == 128 and resolved["TrainingArguments"]["per_device_train_batch_size"] == 32
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+    assert json.loads((out / "eval_results.json").read_text())["splits"]["test"]["num_images"] == 4 * len(CLASSES)
+
+    capsys.readouterr()
+    opt_in = tmp_path / "with-itk"
+    assert cli(["train", "--init", "scratch", "--max_steps", "1", "--healthy_sources", "mni152", "itk_t1",
+                "--data_dir", str(tiny_data), "--output_dir", str(opt_in)]) == 2
+    err = capsys.readouterr().err
+    assert "itk_t1: apt-get install insighttoolkit5-examples" in err and "Traceback" not in err
+    assert not (opt_in / "model.safetensors").exists()
+
+
+def test_a_training_folder_too_small_for_validation_stops_with_the_minimum(tmp_path: Path, capsys):
+    """10 real slices per class leave the default 5% validation split empty: a clear error naming the minimum
+    and the way out, before any training, instead of the Trainer's KeyError at the first evaluation."""
+    from conftest import make_subset
+    from hf_tumor.cli import main as cli
+
+    data = make_subset(tmp_path / "ten", 10, 2)
+    out = tmp_path / "run"
+    assert cli(["train", "--init", "scratch", "--max_steps", "1", "--data_dir", str(data), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert ("Training is too small for a validation split: at --validation_fraction 0.05 a class needs at least 11 "
+            "images for one to go to validation, and the largest class here has 10. Add images, or pass "
+            "--validation_fraction 0.06 or more.") in err
+    assert "Traceback" not in err and not out.exists()
+    # the way out it names works: one image of each class goes to validation
+    data_args, model_args, _, training_args = parse_args(["--data_dir", str(data), "--output_dir", str(out),
+                                                          "--healthy_sources", "none", "--validation_fraction", "0.06"])
+    splits = prepare_data(data_args, model_args, training_args).splits
+    assert sorted(splits["validation"]["label"]) == [0, 1, 2, 3] and len(splits["train"]) == 36
