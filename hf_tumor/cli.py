@@ -195,6 +195,57 @@ def _external(argv: Sequence[str]) -> int:
     return 0
 
 
+def _patients(argv: Sequence[str]) -> int:
+    from hf_tumor.patients import CLI_HELP, SEQUENCES
+
+    parser = argparse.ArgumentParser(prog="hf-tumor patients", description=CLI_HELP)
+    parser.add_argument("--model", help="Model folder or Hub repo id (default: $HF_TUMOR_MODEL, else the bundled model).")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--data_dir", help="The patients' folder (default: $HF_TUMOR_PATIENTS, else shared/data beside the repository).")
+    parser.add_argument("--patients", nargs="+", help="Patient ids or folder names (default: all).")
+    parser.add_argument("--sequences", nargs="+", choices=SEQUENCES, help="Sequences (default: all).")
+    parser.add_argument("--skull", choices=("with", "stripped", "both"), default="both")
+    parser.add_argument("--exclude_trained", action="store_true", help="Skip the patients the model was trained on.")
+    parser.add_argument("--output", help="Write the JSON report here (default: patients_results.json in a local model folder).")
+    args = parser.parse_args(argv)
+    from hf_tumor.patients import format_table, run_patients, write_report
+
+    report = run_patients(args.model, args.backend, args.data_dir, patients=args.patients, sequences=args.sequences,
+                          skull={"with": True, "stripped": False, "both": None}[args.skull],
+                          include_trained=not args.exclude_trained, progress=lambda line: print(line, file=sys.stderr))
+    print(format_table(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.output}")
+    elif Path(report["model"]).is_dir():
+        print(f"wrote {write_report(report, report['model'])}")
+    return 0
+
+
+def _shortcuts(argv: Sequence[str]) -> int:
+    from hf_tumor.shortcuts import HELP, SHORTCUTS
+
+    parser = argparse.ArgumentParser(prog="hf-tumor shortcuts", description=HELP)
+    parser.add_argument("--data_dir", required=True, help="A DIR/<class>/ folder of labelled slices, e.g. the Kaggle Testing folder.")
+    parser.add_argument("--model", help="Model folder or Hub repo id (default: $HF_TUMOR_MODEL, else the bundled model).")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--per_class", type=int, help="Only the first N slices of each class.")
+    parser.add_argument("--only", nargs="+", choices=[s.name for s in SHORTCUTS], help="Only these transforms.")
+    parser.add_argument("--output", help="Write the JSON report here.")
+    args = parser.parse_args(argv)
+    from hf_tumor.inference import default_model, load_predictor
+    from hf_tumor.shortcuts import format_table, labelled_paths, run_audit_shortcuts, select_shortcuts
+
+    paths = labelled_paths(args.data_dir, args.per_class)
+    predictor = load_predictor(args.model or default_model(), args.backend)
+    report = run_audit_shortcuts(predictor, paths, shortcuts=select_shortcuts(args.only))
+    print(format_table(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _export(argv: Sequence[str]) -> int:
     from hf_tumor.export import CALIBRATION_METHODS, export_model
 
@@ -335,6 +386,8 @@ COMMANDS = {
     "push-dataset": (_push_dataset, "push the audited data, split as hf-tumor splits it, as a Hub dataset"),
     "predict": (_predict, "classify image files"),
     "external": (_external, "classify healthy MRI volumes from installed packages, slice by slice (external check)"),
+    "patients": (_patients, "classify real tumour patients' scans, and count lesion slices found, flagged or missed"),
+    "shortcuts": (_shortcuts, "audit what besides the lesion moves the answer (skull, contrast, window, framing)"),
 }
 
 

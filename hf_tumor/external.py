@@ -26,14 +26,13 @@ from typing import Any
 
 from PIL import Image
 
-from hf_tumor.inference import ARGS_FILE
+from hf_tumor.inference import ARGS_FILE, HEALTHY_LABEL
 from hf_tumor.volumes import PLANES, Volume, VolumeError, level_band, load_nifti, slices
 
 BANDS = ("low", "middle", "high")
 # Evenly spaced slices per plane and volume: ~160 slices in all, a minute or two on 2 CPU cores.
 DEFAULT_PER_PLANE = {"axial": 20, "coronal": 12, "sagittal": 12}
 PIP_HINT = "pip install 'hf-tumor[external]'"
-HEALTHY_LABEL = "notumor"  # the class every slice of the suite belongs to
 ITK_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
 
 

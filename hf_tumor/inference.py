@@ -39,6 +39,7 @@ PARITY_FILE = "parity.json"  # written by `hf-tumor export`: which ONNX files ma
 ARGS_FILE = "train_args.json"  # the resolved arguments of a training run, in its model folder
 BACKENDS = ("auto", "onnx-int8", "onnx", "torch")
 FASTEST_FIRST = ("onnx-int8", "onnx")  # docs/benchmarks.md; torch is the fallback of 'auto' only
+HEALTHY_LABEL = "notumor"  # the class that means "no tumour": scan verdicts and the suites count against it
 MODEL_ENV = "HF_TUMOR_MODEL"
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "resnetv2_50-scratch-128"
 

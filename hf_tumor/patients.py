@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 
 from hf_tumor.errors import UserError
-from hf_tumor.inference import ARGS_FILE, Predictor, load_predictor
+from hf_tumor.inference import ARGS_FILE, HEALTHY_LABEL, Predictor, load_predictor
 from hf_tumor.scan import ScanResult, index_ranges, load_scan, predict_scan
 from hf_tumor.volumes import PLANE_AXIS, load_nifti
 
@@ -47,7 +47,6 @@ PATIENTS_ENV = "HF_TUMOR_PATIENTS"
 LESION_VOXELS = 500  # fewer mask voxels than this (but some): the lesion's faint ends, left out of both counts
 CONFIDENT = 0.9
 SEQUENCES = ("t1c", "t1", "t2", "flair")
-HEALTHY_LABEL = "notumor"
 ANY_TUMOUR = "any tumour"  # the expected class of a metastasis: the four classes have none of its own
 RESULTS_FILE = "patients_results.json"
 PLANE = "axial"  # the readings and masks are per axial slice; the scans were acquired (or resampled) axially

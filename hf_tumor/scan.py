@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_tumor.dicom_series import read_series
-from hf_tumor.inference import Prediction, Predictor
+from hf_tumor.inference import HEALTHY_LABEL, Prediction, Predictor
 from hf_tumor.volumes import PLANES, Slice, Volume, VolumeError, level_band, load_nifti, slices, volume_from_image
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
@@ -27,6 +27,9 @@ MAX_SCAN_BYTES = 256 * 2**20  # a volume or zipped series; a 1 mm head is 10-40 
 EDGES = {"axial": ("the skull base", "the vertex"), "coronal": ("the back of the head", "the front of the head"),
          "sagittal": ("the left side of the head", "the right side of the head")}
 DISCLAIMER = "Per-slice answers of a research tool, not a diagnosis."
+# A scan is judged only where most of its mid-head slices (where training slices lie) were labelled: a
+# scan the model cannot judge gets no verdict rather than a "no tumour" made of the few slices it did label.
+JUDGED_SHARE = 0.5
 
 
 def is_scan(path: str | os.PathLike) -> bool:
@@ -111,10 +114,37 @@ class ScanResult:
                 entry |= {"max_probability": round(best.prediction.probabilities[name], 4), "at_index": best.slice.index}
             classes[name] = entry
         indices = [s.slice.index for s in self.slices]
-        return {"name": self.name, "plane": self.plane, "shape": list(self.shape),
+        return {"verdict": self.verdict(), "name": self.name, "plane": self.plane, "shape": list(self.shape),
                 "voxel_mm": [round(z, 3) for z in self.zooms], "slices": len(self.slices),
                 "head_indices": [min(indices), max(indices)] if indices else [],
                 "labelled": len(labelled), "flagged": len(self.slices) - len(labelled), "classes": classes}
+
+    def verdict(self) -> dict[str, str]:
+        """The scan in one sentence: ``kind`` is 'tumour_suspected', 'no_tumour_seen' or 'no_verdict', with the reason.
+
+        A tumour label on any labelled slice makes the scan suspect. "No tumour seen" needs most of the
+        mid-head slices labelled (``JUDGED_SHARE``): where the domain check flagged most of them, the scan
+        is unlike the training slices and a "notumor" would be the confident wrong answer this tool must
+        not give.
+        """
+        middle = [s for s in self.slices if level_band(s.slice.level) == "middle"]
+        judged = [s for s in middle if s.prediction.trusted]
+        tumour = [s for s in self.slices if s.prediction.trusted and s.prediction.label != HEALTHY_LABEL]
+        if tumour:
+            classes = sorted({s.prediction.label for s in tumour}, key=lambda c: -sum(s.prediction.label == c for s in tumour))
+            text = (f"tumour suspected on slices {index_ranges([s.slice.index for s in tumour])} "
+                    f"({', '.join(classes)}); {len(tumour)} of {len(self.slices)} slices")
+            return {"kind": "tumour_suspected", "text": text,
+                    "reason": "the model gives these slices a tumour label and no check flags them"}
+        if not middle or len(judged) < JUDGED_SHARE * len(middle):
+            return {"kind": "no_verdict",
+                    "text": "this scan is unlike the slices the model was trained on: no verdict",
+                    "reason": f"{len(middle) - len(judged)} of {len(middle)} mid-head slices are flagged "
+                              "(sequence, processing or framing unlike the training slices)"}
+        return {"kind": "no_tumour_seen",
+                "text": f"no tumour seen on the {sum(s.prediction.trusted for s in self.slices)} labelled slices",
+                "reason": f"{len(judged)} of {len(middle)} mid-head slices labelled, none with a tumour label; "
+                          "flagged slices were not judged"}
 
     def plot_rows(self) -> list[dict[str, Any]]:
         """Long-form rows (slice, class, probability) for a line plot of each class along the scan."""
@@ -160,7 +190,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     first, last = summary["head_indices"]
     lines = [f"{summary['name']}: {summary['slices']} {summary['plane']} slices through the head (index {first}-{last}), "
              f"voxels {' x '.join(f'{z:g}' for z in summary['voxel_mm'])} mm",
+             f"verdict: {summary['verdict']['text']} ({summary['verdict']['reason']})",
              f"{summary['labelled']} labelled, {summary['flagged']} flagged (no label: see each slice's flags)"]
+    if summary["verdict"]["kind"] == "no_verdict":  # said once at the top, instead of labels it cannot stand by
+        return [*lines, DISCLAIMER]
     for name, entry in summary["classes"].items():
         if entry["slices"]:
             lines.append(f"{name}: {entry['slices']} slices ({entry['indices']}), "

@@ -276,6 +276,8 @@ def test_every_head_slice_answered_in_order_with_its_level(mni_path, predictor):
     assert sum(entry["slices"] for entry in summary["classes"].values()) == summary["labelled"]
     assert summary["classes"]["notumor"]["slices"] == len(labelled)
     assert f"{len(result.slices)} axial slices through the head" in format_summary(summary)
+    assert summary["verdict"]["kind"] == "no_tumour_seen"
+    assert f"verdict: no tumour seen on the {len(labelled)} labelled slices" in format_summary(summary)
     rows = result.csv_text().splitlines()
     assert len(rows) == 1 + len(result.slices) and rows[0].startswith("plane,index,level,label,glioma")
 
@@ -289,6 +291,28 @@ def test_other_planes_and_edge_flags(mni_img, predictor):
     assert edge_flag("axial", 0.5) == [] and edge_flag("axial", 0.1) and edge_flag("axial", 0.9)
     with pytest.raises(VolumeError, match="unknown plane"):
         predict_scan(predictor, volume, "oblique")
+
+
+def test_the_scan_verdict_never_says_no_tumour_for_a_scan_it_cannot_judge(mni_path, predictor):
+    """The healthy head's real answers, then the same scan with its flags and labels changed as a
+    skull-stripped tumour scan gets them: mostly flagged, or one slice with a tumour label."""
+    import copy
+
+    result = predict_scan(predictor, load_nifti(mni_path), "axial")
+    middle = [s for s in result.slices if 0.2 <= s.slice.level <= 0.8]
+    unlike = copy.deepcopy(result)
+    for s in unlike.slices[: len(unlike.slices) // 2 + 1] + [s for s in unlike.slices if 0.2 <= s.slice.level <= 0.6]:
+        s.prediction.flags = s.prediction.flags or ["unlike the slices this model was trained on"]
+    verdict = unlike.summary()["verdict"]
+    assert verdict["kind"] == "no_verdict" and "no verdict" in verdict["text"]
+    assert f"of {len(middle)} mid-head slices are flagged" in verdict["reason"]
+    text = format_summary(unlike.summary())
+    assert "no verdict" in text and "notumor:" not in text  # said once, instead of the labels
+    suspect = copy.deepcopy(result)
+    hit = next(s for s in suspect.slices if s.prediction.trusted)
+    hit.prediction.label = "glioma"
+    verdict = suspect.summary()["verdict"]
+    assert verdict["kind"] == "tumour_suspected" and f"slices {hit.slice.index} (glioma)" in verdict["text"]
 
 
 def load_scan_from_img(img: nib.Nifti1Image):
