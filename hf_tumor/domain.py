@@ -4,7 +4,9 @@ A flag is a plain-language reason to distrust the label, never a diagnosis: imag
 what is plainly no MRI slice (colour, blank, a white page, noise), and the energy score
 (-logsumexp of the logits) catches inputs the classifier finds unlike its training slices. Its
 threshold is the 99th percentile on validation slices, written by ``hf-tumor evaluate`` into
-``config.json`` (``ood_energy_threshold``).
+``config.json`` (``ood_energy_threshold``). Neither sees a confident wrong answer on a slice unlike
+every training slice; the feature-space neighbour distance (:mod:`hf_tumor.neighbours`) does, where
+the model folder has its reference features.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import PIL.Image
+
+from hf_tumor.neighbours import NeighbourCheck
 
 
 def image_checks(image: PIL.Image.Image | np.ndarray) -> list[str]:
@@ -64,19 +68,27 @@ class DomainCheck:
     """One model's checks: image statistics, and the energy threshold from its ``config.json`` (if any)."""
 
     energy_limit: float | None = None
+    neighbours: NeighbourCheck | None = None
 
     @classmethod
-    def of(cls, config: Any) -> "DomainCheck":
-        return cls(getattr(config, "ood_energy_threshold", None))
+    def of(cls, config: Any, neighbours: NeighbourCheck | None = None) -> "DomainCheck":
+        return cls(getattr(config, "ood_energy_threshold", None), neighbours)
 
-    def flags(self, images: Sequence[PIL.Image.Image | np.ndarray], logits: np.ndarray) -> list[list[str]]:
+    def flags(self, images: Sequence[PIL.Image.Image | np.ndarray], logits: np.ndarray,
+              features: np.ndarray | None = None) -> list[list[str]]:
         """Every reason to distrust each image's label (an empty list where nothing is wrong); ``images`` as
-        ``image_checks`` takes them."""
+        ``image_checks`` takes them, ``features`` the pooled penultimate features (for the neighbour check)."""
+        far = [False] * len(logits)
+        if self.neighbours is not None and features is not None:
+            far = list(self.neighbours.distances(features) > self.neighbours.threshold)
         flags = []
-        for image, energy in zip(images, energy_scores(logits)):
+        for image, energy, unlike in zip(images, energy_scores(logits), far):
             reasons = [f"this does not look like a brain MRI slice: {r}" for r in image_checks(image)]
             if self.energy_limit is not None and energy > self.energy_limit:
                 reasons.append("unlike the slices this model was trained on: its energy score is above the "
                                "99th percentile of validation slices")
+            if unlike:
+                reasons.append("unlike every slice this model was trained on: in the model's own features its "
+                               "nearest training slices are far, so a confident answer here means nothing")
             flags.append(reasons)
         return flags

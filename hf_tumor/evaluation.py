@@ -25,8 +25,9 @@ from hf_tumor.audit import fingerprints, run_audit, standardize, train_groups
 from hf_tumor.calibration import calibration_report, fit_temperature, fold_temperature
 from hf_tumor.data import attach_transforms, iterate_batches, load_splits, resolve_data_dir
 from hf_tumor.domain import energy_scores, energy_threshold
-from hf_tumor.inference import ARGS_FILE, softmax, torch_forward
+from hf_tumor.inference import ARGS_FILE, softmax, torch_forward, torch_outputs
 from hf_tumor.model import class_names_of, load_model, save_model_atomically
+from hf_tumor.neighbours import NeighbourCheck, fit
 from hf_tumor.plots import plot_confusion_matrix, plot_reliability
 
 logger = logging.getLogger("hf_tumor")
@@ -40,6 +41,8 @@ eval_results.json
   temperature                 fitted on validation and folded into the saved weights (1.0 = none)
   ood_energy_threshold        energy (-logsumexp of logits) above which the app flags an input;
                               the 99th percentile on validation slices (stored in config.json too)
+  neighbour_check             k, threshold, reference_slices of the feature-space check (domain_features.npz):
+                              cosine distance to the k-th nearest training slice; threshold on validation
   audit                       measure, threshold, num_images (train/test), test_with_train_twin,
                               exact_test_twins, clean_test (counts over the whole data folder)
   splits.{validation,test,clean_test}
@@ -50,6 +53,7 @@ eval_results.json
     confusion_matrix          rows = true class, columns = predicted
     calibration               ece_before, ece_after (15 bins), nll_before, nll_after
     flagged_by_energy         (test splits) share of real test slices above the energy threshold
+    flagged_by_neighbours     (test splits) share of real test slices beyond the neighbour threshold
     nn_baseline               (test splits) 1-nearest-neighbour lookup on 32x32 thumbnails:
                               accuracy, f1_macro, per_class, confusion_matrix
 """
@@ -89,6 +93,44 @@ def predict_logits(model: torch.nn.Module, view: Dataset, batch_size: int = 32) 
         logits.append(forward(batch["pixel_values"]))
         labels.append(batch["labels"].numpy())
     return np.concatenate(logits), np.concatenate(labels)
+
+
+def predict_features(model: torch.nn.Module, view: Dataset, batch_size: int = 32) -> np.ndarray:
+    """Pooled penultimate features for every row of an ``attach_transforms`` view, in order."""
+    outputs = torch_outputs(model)
+    return np.concatenate([outputs(batch["pixel_values"])[1] for batch in iterate_batches(view, batch_size)])
+
+
+def reference_slices(model_dir: Path, train: Dataset, pretrained_cfg: dict[str, Any]) -> Dataset:
+    """The model's training slices: the Kaggle training split plus the healthy and patient slices its run
+    added (train_args.json), so that the neighbour check knows every kind of slice the model has seen."""
+    from types import SimpleNamespace
+
+    from hf_tumor.training import add_healthy_slices, add_patient_slices  # training imports this module
+
+    args_file = model_dir / ARGS_FILE
+    data_args = json.loads(args_file.read_text()).get("DataArguments", {}) if args_file.is_file() else {}
+    extra = SimpleNamespace(healthy_sources=data_args.get("healthy_sources") or [],
+                            healthy_per_plane=data_args.get("healthy_per_plane", 16),
+                            patient_sources=data_args.get("patient_sources") or [],
+                            patients_dir=data_args.get("patients_dir"))
+    if extra.healthy_sources:
+        train = add_healthy_slices(train, extra, pretrained_cfg)
+    if extra.patient_sources:
+        train = add_patient_slices(train, extra, pretrained_cfg)
+    return train
+
+
+def fit_neighbour_check(model: torch.nn.Module, model_dir: Path, train: Dataset, validation_features: np.ndarray,
+                        pretrained_cfg: dict[str, Any], batch_size: int = 32, max_reference: int = 2000) -> NeighbourCheck:
+    """The neighbour check of ``hf_tumor.neighbours``: up to ``max_reference`` training slices as the
+    reference, the threshold on validation; saved into the model folder."""
+    reference = reference_slices(model_dir, train, pretrained_cfg).shuffle(seed=0)
+    reference = reference.select(range(min(max_reference, len(reference))))
+    check = fit(predict_features(model, attach_transforms(reference, pretrained_cfg), batch_size), validation_features,
+                max_reference=max_reference)
+    check.save(model_dir)
+    return check
 
 
 def nearest_neighbour_labels(data_dir: str | os.PathLike, query_paths: list[str]) -> list[str]:
@@ -174,6 +216,8 @@ def evaluate_model(
     val_logits, val_labels = predict_logits(model, attach_transforms(splits["validation"], pretrained_cfg), batch_size)
     test_logits, test_labels = predict_logits(model, attach_transforms(splits["test"], pretrained_cfg), batch_size)
     seconds = time.perf_counter() - start
+    val_features = predict_features(model, attach_transforms(splits["validation"], pretrained_cfg), batch_size)
+    test_features = predict_features(model, attach_transforms(splits["test"], pretrained_cfg), batch_size)
 
     temperature = fit_temperature(val_logits, val_labels) if calibrate else 1.0
     if calibrate:
@@ -182,6 +226,9 @@ def evaluate_model(
             logger.info("folded temperature %.3f (fitted on validation) into the classifier", temperature)
         model.config.ood_energy_threshold = energy_threshold(val_logits / temperature)
         save_model_atomically(model, model_dir)
+        neighbours = fit_neighbour_check(model, model_dir, splits["train"], val_features, pretrained_cfg, batch_size)
+    else:
+        neighbours = NeighbourCheck.load(model_dir)
 
     root = Path(data_dir).resolve()
     test_paths = list(splits["test"]["path"])
@@ -204,6 +251,8 @@ def evaluate_model(
             "clean_test": audit["clean_test"]["count"],
         },
         "ood_energy_threshold": getattr(model.config, "ood_energy_threshold", None),
+        "neighbour_check": None if neighbours is None else {"k": neighbours.k, "threshold": neighbours.threshold,
+                                                             "reference_slices": int(len(neighbours.reference))},
         "splits": {"validation": _split_report(val_logits, val_labels, class_names, temperature)},
         "seconds": round(seconds, 2),
     }
@@ -216,6 +265,9 @@ def evaluate_model(
         if results["ood_energy_threshold"] is not None:
             energies = energy_scores(test_logits[mask] / temperature)
             report["flagged_by_energy"] = float(np.mean(energies > results["ood_energy_threshold"]))
+        if neighbours is not None:
+            far = neighbours.distances(test_features[mask]) > neighbours.threshold
+            report["flagged_by_neighbours"] = float(np.mean(far))
         results["splits"][name] = report
 
     _write_report(model_dir, results, test_logits, test_labels, temperature)

@@ -28,8 +28,9 @@ from hf_tumor.data import (
     attach_transforms, cache_resized, first_per_class, iterate_batches, load_image_folder, resolve_data_dir,
 )
 from hf_tumor.inference import (
-    ONNX_DIR, ONNX_FILES, PARITY_FILE, onnx_forward, onnx_session, softmax, torch_forward,
+    FEATURES_OUTPUT, ONNX_DIR, ONNX_FILES, PARITY_FILE, onnx_forward, onnx_session, softmax, torch_forward,
 )
+from hf_tumor.evaluation import portable_path
 from hf_tumor.model import LogitsOnly, class_names_of, load_model
 
 MIN_TOP1_AGREEMENT = 0.995  # share of test images whose top-1 class matches PyTorch's
@@ -103,6 +104,30 @@ def quantize_int8(fp32_path: Path, path: Path, batches: Iterator[np.ndarray], me
     return path
 
 
+def finish_graph(path: Path) -> Path:
+    """Add the pooled penultimate features as a second output, ``features`` (N, C), for the domain check's
+    neighbour distance (:mod:`hf_tumor.neighbours`), and drop the exporter's per-node source locations
+    (they hold the exporting machine's paths). The logits are untouched: the output reads a tensor the
+    classifier already reads."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    head = [n for n in graph.node if n.op_type in ("Conv", "Gemm") and any("head.fc.weight" in i for i in n.input)]
+    if len(head) != 1:
+        raise ExportError(f"{path}: cannot find the classifier's input (expected one head.fc node, found {len(head)})")
+    if FEATURES_OUTPUT not in {o.name for o in graph.output}:
+        graph.node.append(onnx.helper.make_node("Flatten", [head[0].input[0]], [FEATURES_OUTPUT], axis=1))
+        graph.output.append(onnx.helper.make_tensor_value_info(FEATURES_OUTPUT, onnx.TensorProto.FLOAT, ["batch", None]))
+    for node in graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+    tmp = path.with_suffix(".tmp.onnx")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
 def parity_report(model: torch.nn.Module, sessions: dict[str, Any], view, batch_size: int = 32) -> dict[str, Any]:
     """Top-1 agreement, maximum probability difference and accuracy of each ONNX session against PyTorch."""
     forwards = {"torch": torch_forward(model), **{name: onnx_forward(session) for name, session in sessions.items()}}
@@ -158,6 +183,8 @@ def export_model(
         paths["onnx-int8"] = quantize_int8(paths["onnx"], out / ONNX_FILES["onnx-int8"], batches, calibration_method)
     else:
         (out / ONNX_FILES["onnx-int8"]).unlink(missing_ok=True)  # a stale int8 file would not match this export
+    for path in paths.values():
+        finish_graph(path)
     export_seconds = time.perf_counter() - start
 
     test = folders["test"]
@@ -170,7 +197,7 @@ def export_model(
     report = parity_report(model, sessions, attach_transforms(cached, cfg))
     if quantize:
         report["onnx-int8"].update(calibration_images=calibration_images, calibration_method=calibration_method)
-    report.update(model=str(model_dir), data_dir=str(data_dir), export_seconds=round(export_seconds, 1),
+    report.update(model=portable_path(model_dir), data_dir=portable_path(data_dir), export_seconds=round(export_seconds, 1),
                   min_top1_agreement=MIN_TOP1_AGREEMENT, max_int8_accuracy_drop=MAX_INT8_ACCURACY_DROP)
     (out / PARITY_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -26,6 +26,7 @@ import PIL.Image
 from hf_tumor.domain import DomainCheck
 from hf_tumor.errors import UserError
 from hf_tumor.image_io import InputError, read_image
+from hf_tumor.neighbours import NeighbourCheck
 from hf_tumor.preprocessing import create_eval_transform
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "resnetv2_50-sc
 
 
 Forward = Callable[[np.ndarray], np.ndarray]  # normalized NCHW float32 batch -> logits
+# the same batch -> (logits, pooled penultimate features, or None where the backend has none)
+Outputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+FEATURES_OUTPUT = "features"  # the ONNX files' second output (hf_tumor.export adds it)
 
 
 class BackendError(UserError, RuntimeError):
@@ -87,16 +91,26 @@ def resolve_model_dir(model: str | os.PathLike, revision: str | None = None) -> 
 
 def torch_forward(model: torch.nn.Module) -> Forward:
     """The PyTorch model's logits in fp32, on whatever device it sits."""
+    outputs = torch_outputs(model)
+    return lambda pixel_values: outputs(pixel_values)[0]
+
+
+def torch_outputs(model: torch.nn.Module) -> Outputs:
+    """The PyTorch model's logits and pooled penultimate features (what the classifier reads), in fp32."""
     import torch
 
     model.eval()
     device = next(model.parameters()).device
+    timm_model = model.timm_model
 
-    def forward(pixel_values: np.ndarray) -> np.ndarray:
+    def outputs(pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            return model(pixel_values=torch.as_tensor(pixel_values).to(device)).logits.float().cpu().numpy()
+            maps = timm_model.forward_features(torch.as_tensor(pixel_values).to(device))
+            logits = timm_model.forward_head(maps)
+            features = timm_model.forward_head(maps, pre_logits=True)
+            return logits.float().cpu().numpy(), features.float().flatten(1).cpu().numpy()
 
-    return forward
+    return outputs
 
 
 def onnx_session(path: Path, threads: int | None = None):
@@ -116,6 +130,19 @@ def onnx_session(path: Path, threads: int | None = None):
 def onnx_forward(session: Any) -> Forward:
     """An ONNX Runtime session's logits."""
     return lambda pixel_values: session.run(["logits"], {"pixel_values": np.asarray(pixel_values)})[0]
+
+
+def onnx_outputs(session: Any) -> Outputs:
+    """An ONNX Runtime session's logits, and its features where the file has that output (older exports do not)."""
+    if FEATURES_OUTPUT not in {o.name for o in session.get_outputs()}:
+        forward = onnx_forward(session)
+        return lambda pixel_values: (forward(pixel_values), None)
+
+    def outputs(pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = session.run(["logits", FEATURES_OUTPUT], {"pixel_values": np.asarray(pixel_values)})
+        return logits, features.reshape(len(features), -1)
+
+    return outputs
 
 
 # --------------------------------------------------------------------------- the parity record
@@ -240,13 +267,17 @@ class Predictor:
     model_dir: Path  # where its files are (the Hub cache for a repo id)
     backend: str
     config: ModelConfig
-    forward: Forward = field(repr=False)
+    outputs: Outputs = field(repr=False)
     parity: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.class_names = [self.config.id2label[i] for i in range(self.config.num_labels)]
         self.transform = create_eval_transform(self.config.pretrained_cfg)
-        self.domain = DomainCheck.of(self.config)
+        self.domain = DomainCheck.of(self.config, NeighbourCheck.load(self.model_dir))
+
+    def forward(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Logits of a normalized NCHW batch."""
+        return self.outputs(pixel_values)[0]
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
         """RGB or grayscale images to the normalized NCHW float32 batch the model takes (timm's transform, in NumPy)."""
@@ -262,12 +293,12 @@ class Predictor:
         if not images:
             return []
         x = self.preprocess(images) if pixel_values is None else pixel_values
-        logits = self.forward(x)
+        logits, features = self.outputs(x)
         pixels = (x * self.transform.std + self.transform.mean) * 255  # what the model sees, in 0-255
         return [
             Prediction(label=self.class_names[int(probs.argmax())],
                        probabilities=dict(zip(self.class_names, map(float, probs))), flags=flags)
-            for probs, flags in zip(softmax(logits), self.domain.flags(pixels, logits))
+            for probs, flags in zip(softmax(logits), self.domain.flags(pixels, logits, features))
         ]
 
     def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 8) -> list[Prediction]:
@@ -306,7 +337,12 @@ def load_predictor(model: str | os.PathLike, backend: str = "auto", revision: st
     if chosen == "torch":
         from hf_tumor.model import load_model
 
-        forward = torch_forward(load_model(model_dir))
+        outputs = torch_outputs(load_model(model_dir))
     else:
-        forward = onnx_forward(onnx_session(model_dir / ONNX_DIR / ONNX_FILES[chosen]))
-    return Predictor(str(model), model_dir, chosen, config, forward, parity)
+        path = model_dir / ONNX_DIR / ONNX_FILES[chosen]
+        session = onnx_session(path)
+        if NeighbourCheck.load(model_dir) is not None and FEATURES_OUTPUT not in {o.name for o in session.get_outputs()}:
+            raise BackendError(f"{path} has no {FEATURES_OUTPUT!r} output, which the model's domain check needs; "
+                               f"export it again (hf-tumor export --model {model_dir}) or use --backend torch.")
+        outputs = onnx_outputs(session)
+    return Predictor(str(model), model_dir, chosen, config, outputs, parity)

@@ -93,3 +93,46 @@ def test_calibration_method_is_recorded_and_changes_the_int8_ranges(exported, ti
     assert percentile.read_bytes() != (model_dir / ONNX_DIR / "model_quantized.onnx").read_bytes()
     with pytest.raises(ExportError, match="minmax, percentile, entropy"):
         quantize_int8(model_dir / ONNX_DIR / "model.onnx", tmp_path / "x.onnx", iter([]), "kl")
+
+
+def test_every_backend_computes_the_neighbour_check_from_the_model_folder(exported, trained_model):
+    """The ONNX files carry the classifier's input as a second output, so the int8 path computes the same
+    feature-space distance as PyTorch; the reference and threshold travel in the model folder."""
+    import onnx
+    import PIL.Image
+
+    from hf_tumor.neighbours import FEATURES_FILE, NeighbourCheck
+
+    model_dir, _ = exported
+    assert (trained_model / FEATURES_FILE).is_file()
+    check = NeighbourCheck.load(model_dir)
+    assert check is not None and check.reference.shape[1] == 2048 and check.k == 10
+    for name in ("model.onnx", "model_quantized.onnx"):
+        graph = onnx.load(str(model_dir / ONNX_DIR / name)).graph
+        assert [o.name for o in graph.output] == ["logits", "features"]
+        assert not any(p.value.startswith("/") for n in graph.node for p in n.metadata_props)  # no machine paths
+    images = [PIL.Image.open(p) for c in CLASSES for p in real_images("Testing", c, 2)]
+    distances = {}
+    for backend in ("torch", "onnx", "onnx-int8"):
+        predictor = load_predictor(model_dir, backend)
+        _, features = predictor.outputs(predictor.preprocess(images))
+        distances[backend] = check.distances(features)
+    np.testing.assert_allclose(distances["onnx"], distances["torch"], atol=1e-4)
+    np.testing.assert_allclose(distances["onnx-int8"], distances["torch"], atol=0.05)
+    # a slice beyond the threshold is flagged in plain words, whatever the backend
+    predictor = load_predictor(model_dir, "onnx-int8")
+    predictor.domain.neighbours.threshold = float(distances["onnx-int8"].min()) - 1e-6
+    assert all(any("unlike every slice this model was trained on" in f for f in p.flags) for p in predictor.predict(images))
+
+
+def test_an_onnx_file_without_features_is_refused_where_the_check_needs_them(exported, tmp_path):
+    import onnx
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(exported[0], model_dir)
+    path = model_dir / ONNX_DIR / "model.onnx"
+    model = onnx.load(str(path))
+    del model.graph.output[1]
+    onnx.save(model, str(path))
+    with pytest.raises(BackendError, match="has no 'features' output"):
+        load_predictor(model_dir, "onnx")

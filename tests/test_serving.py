@@ -224,3 +224,23 @@ def test_bench_predict_start_measures_the_cli_beside_a_bare_onnxruntime_script(t
     assert report["after"]["image_max_probability_difference_from_bare"] < 1e-6
     # the process's own peak (a parent's view of a child would count the forked copy of pytest, torch and all)
     assert 50 < report["bare_onnxruntime"]["median"]["peak_rss_mb"] < report["after"]["image"]["median"]["peak_rss_mb"] < 400
+
+
+def test_neighbour_distances_are_the_kth_nearest_cosine_distance_and_the_threshold_a_validation_quantile():
+    from hf_tumor.neighbours import NeighbourCheck, fit, knn_distances, normalise
+
+    rng = np.random.default_rng(0)
+    train, validation, far = rng.random((500, 64)), rng.random((200, 64)), rng.random((20, 64)) ** 8
+    reference = normalise(train)
+    brute = 1 - np.sort(normalise(validation) @ reference.T, axis=1)[:, ::-1][:, 9]
+    np.testing.assert_allclose(knn_distances(reference, validation, 10), brute, atol=1e-6)
+    check = fit(train, validation, k=10, flag_rate=0.05, max_reference=300)
+    assert len(check.reference) == 300
+    assert 0.03 <= np.mean(check.distances(validation) > check.threshold) <= 0.07
+    assert np.mean(check.distances(far) > check.threshold) > 0.9  # a different distribution lies beyond it
+
+
+def test_a_model_folder_without_the_neighbour_file_has_no_such_check(tmp_path):
+    from hf_tumor.neighbours import NeighbourCheck
+
+    assert NeighbourCheck.load(tmp_path) is None
