@@ -30,6 +30,7 @@ SPACE_DIR = REPO_ROOT / "space"
 DATASET_NAME = "brain-tumor-mri"  # the audited data on the Hub (`hf-tumor push-dataset`)
 # what a Hub model repo needs; checkpoints, optimizer states and logs stay behind
 EXTERNAL_FILE = "external_results.json"  # `hf-tumor external --output MODEL/external_results.json`
+PATIENTS_FILE = "patients_results.json"  # `hf-tumor patients` writes it into a local model folder
 MODEL_FILES = ("config.json", "model.safetensors", "README.md", "eval_results.json", "train_args.json",
                "train_results.json", "validation_results.json", "trainer_state.json", "training_curves.png",
                "confusion_matrix.png", "confusion_matrix_clean.png", "reliability_diagram.png", EXTERNAL_FILE)
@@ -159,7 +160,9 @@ def card_inputs(
     origin = {"scratch": "trained from scratch", "imagenet": "fine-tuned from ImageNet weights"}.get(
         init, f"initialised from {init}")
     external = _read_json(model_dir / EXTERNAL_FILE)
+    patients = _read_json(model_dir / PATIENTS_FILE)
     variables = {
+        "patients": patients and _patients_summary(patients),
         "external": external and {
             "slices": external["overall"]["slices"], "sources": ", ".join(external["sources"]),
             "notumor": _pct(external["overall"]["called_notumor"]),
@@ -310,6 +313,17 @@ def space_examples(data_dir: str | os.PathLike) -> dict[str, Path]:
         examples.setdefault(path.parent.name, root / path)
     examples["not-mri"] = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     return examples
+
+
+def _patients_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The real-patient suite's headline for the card: held-out scans only, the trained-on ones named apart."""
+    head = report["headline"]
+    lesion, free = head["lesion"], head["tumour_free"]
+    return {"scans": head["scans"], "lesion": lesion["slices"], "missed": lesion["missed"],
+            "missed_pct": _pct(lesion["missed"] / max(1, lesion["slices"])), "expected": lesion["expected"],
+            "other": lesion["other_tumour"], "flagged": lesion["flagged"], "free": free["slices"],
+            "false_alarms": free["tumour_confident"], "backend": report.get("backend", "?"),
+            "trained_on": ", ".join(report.get("trained_on") or [])}
 
 
 def stage_space(dest: Path, repo_id: str, examples: dict[str, Path] | None = None) -> Path:

@@ -100,3 +100,13 @@ def test_card_says_how_the_model_does_outside_the_kaggle_folders():
     assert f"not {', '.join(trained_on)}, which it was trained on" in card
     assert f"{external['confident_tumour_unflagged']} got a tumour label at >= 0.9" in card
     assert "Out of scope" in card and "transformers.js" not in card
+
+
+def test_card_says_how_the_model_does_on_real_patients():
+    """The bundled card renders the real-patient suite that ships beside the weights (patients_results.json)."""
+    report = json.loads((BUNDLED_MODEL / "patients_results.json").read_text())
+    card = (BUNDLED_MODEL / "README.md").read_text()
+    head = report["headline"]
+    assert report["model"] == "models/resnetv2_50-scratch-128" and not report["trained_on"]
+    assert f"of {head['lesion']['slices']} lesion slices, **{head['lesion']['missed']} (" in card
+    assert f"{head['tumour_free']['tumour_confident']} got an unflagged tumour label at >= 0.9" in card

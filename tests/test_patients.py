@@ -170,3 +170,21 @@ def test_z_scored_volume_is_read_as_a_scan(data_dir):
     assert set(lesion) <= set(cut)
     image = np.asarray(cut[int(lesion[len(lesion) // 2])].image)
     assert image[:10, :10].max() == 0 and image.std() > 20
+
+
+def test_the_patients_and_shortcuts_commands(tmp_path, capsys):
+    """`hf-tumor patients` and `hf-tumor shortcuts` on one real scan and one slice per class, as a user runs them."""
+    from hf_tumor.cli import main
+
+    out = tmp_path / "patients.json"
+    assert main(["patients", "--model", str(BUNDLED_MODEL), "--backend", "onnx-int8", "--patients", "TCGA-FG-6692",
+                 "--sequences", "flair", "--skull", "with", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(s["patient"], s["sequence"], s["skull"]) for s in report["scans"]] == [("TCGA-FG-6692", "flair", "with skull")]
+    assert "| TCGA-FG-6692 | flair | with skull |" in capsys.readouterr().out
+    audit = tmp_path / "shortcuts.json"
+    testing = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brain-tumor-mri" / "Testing"
+    assert main(["shortcuts", "--data_dir", str(testing), "--model", str(BUNDLED_MODEL), "--backend", "onnx-int8",
+                 "--per_class", "1", "--only", "skull_removed", "--output", str(audit)]) == 0
+    assert json.loads(audit.read_text())["num_slices"] == 4
+    assert main(["patients", "--data_dir", str(tmp_path / "nowhere")]) == 2
