@@ -288,11 +288,17 @@ def gamma(image: Img, value: float | None = None, rng: np.random.Generator | Non
     with ``rng`` (and no ``value``): log-uniform in [0.4, 2.5]."""
     region = _check_mask(head, image, "head")
     region = head_mask(image) if region is None else region
+    value = _factor(value, rng, "gamma")
+    return _remap_in(image, region, lambda x: x ** value)
+
+
+def _factor(value: float | None, rng: np.random.Generator | None, name: str) -> float:
+    """``value``, else 0.5, else (with ``rng``) log-uniform in [0.4, 2.5]; it must be positive."""
     if value is None:
         value = 0.5 if rng is None else float(np.exp(rng.uniform(np.log(0.4), np.log(2.5))))
     if not value > 0:
-        raise ShortcutError(f"gamma must be positive, got {value}")
-    return _remap_in(image, region, lambda x: x ** value)
+        raise ShortcutError(f"{name} must be positive, got {value}")
+    return value
 
 
 @grey_transform
@@ -319,10 +325,7 @@ def windowed(image: Img, width: float | None = None, rng: np.random.Generator | 
     [0.4, 2.5]."""
     region = _check_mask(head, image, "head")
     region = head_mask(image) if region is None else region
-    if width is None:
-        width = 0.5 if rng is None else float(np.exp(rng.uniform(np.log(0.4), np.log(2.5))))
-    if not width > 0:
-        raise ShortcutError(f"window width must be positive, got {width}")
+    width = _factor(width, rng, "window width")
     low, high = _head_window(image, region)
     centre, half = (low + high) / 2, (high - low) / 2 * width
     lut = np.uint8(np.clip(np.rint((np.arange(256) - (centre - half)) / (2 * half) * 255), 0, 255))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, real_images
-from hf_tumor.dicom_series import MAX_RATIO, SeriesChoiceError, read_series
+from hf_tumor.dicom_series import MAX_RATIO, SeriesChoiceError
 from hf_tumor.inference import BUNDLED_MODEL, load_predictor
 from hf_tumor.scan import edge_flag, format_summary, index_ranges, is_scan, load_scan, predict_scan
 from hf_tumor.image_io import InputError, read_image
@@ -54,9 +54,7 @@ def write_series(img: nib.Nifti1Image, folder: Path, plane: str = "axial", slope
                  photometric: str = "MONOCHROME2") -> list[Path]:
     """Write a canonical (RAS) image as a DICOM MR series acquired along ``plane``, one file per slice under a
     random name, the pixel values stored as uint16 through RescaleSlope/RescaleIntercept."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import generate_uid
 
     data, affine = np.asarray(img.dataobj, dtype=np.float64), img.affine
     nx, ny, nz = data.shape
@@ -73,14 +71,8 @@ def write_series(img: nib.Nifti1Image, folder: Path, plane: str = "axial", slope
     for number, (pixels, corner) in enumerate(frames):
         ras = affine @ [*corner, 1]
         stored = np.clip(np.rint((pixels - intercept) / slope), 0, 65535).astype(np.uint16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.PatientName, ds.PatientID, ds.Modality = PATIENT, "ID-0042", "MR"
-        ds.SeriesInstanceUID, ds.InstanceNumber = series_uid, number + 1
+        ds = mr_dataset(series_uid)
+        ds.PatientID, ds.InstanceNumber = "ID-0042", number + 1
         ds.ImagePositionPatient = [float(-ras[0]), float(-ras[1]), float(ras[2])] if positions is None else positions[number]
         ds.ImageOrientationPatient = [float(c) for c in cosines]
         ds.PixelSpacing = [float(s) for s in spacing]
@@ -165,11 +157,8 @@ def tcga_slice() -> np.ndarray:
     return np.asarray(img.dataobj[:, :, 18])[::-1, ::-1].T
 
 
-def write_slice(path: Path, values: np.ndarray, *, position: float = 0.0, series_uid: str | None = None,
-                photometric: str = "MONOCHROME2", spacing=(0.9, 0.9), frames: int = 1) -> Path:
-    """One axial MR image as a scanner writes it: uint16 through RescaleSlope 0.5 / RescaleIntercept -100,
-    a display window that would clip most of the head if applied, and MONOCHROME1 stored inverted. A colour
-    ``values`` (rows, columns, 3) is written as RGB; ``frames`` repeats the image as a multi-frame file."""
+def mr_dataset(series_uid: str):
+    """An empty MR image dataset of one series, with its file meta and the test patient's name."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -180,7 +169,18 @@ def write_slice(path: Path, values: np.ndarray, *, position: float = 0.0, series
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.Modality, ds.SeriesInstanceUID = PATIENT, "MR", series_uid or generate_uid()
+    ds.PatientName, ds.Modality, ds.SeriesInstanceUID = PATIENT, "MR", series_uid
+    return ds
+
+
+def write_slice(path: Path, values: np.ndarray, *, position: float = 0.0, series_uid: str | None = None,
+                photometric: str = "MONOCHROME2", spacing=(0.9, 0.9), frames: int = 1) -> Path:
+    """One axial MR image as a scanner writes it: uint16 through RescaleSlope 0.5 / RescaleIntercept -100,
+    a display window that would clip most of the head if applied, and MONOCHROME1 stored inverted. A colour
+    ``values`` (rows, columns, 3) is written as RGB; ``frames`` repeats the image as a multi-frame file."""
+    from pydicom.uid import generate_uid
+
+    ds = mr_dataset(series_uid or generate_uid())
     ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, float(position)], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     ds.PixelSpacing = [float(s) for s in spacing]
     ds.Rows, ds.Columns = values.shape[:2]

@@ -227,7 +227,7 @@ def test_bench_predict_start_measures_the_cli_beside_a_bare_onnxruntime_script(t
 
 
 def test_neighbour_distances_are_the_kth_nearest_cosine_distance_and_the_threshold_a_validation_quantile():
-    from hf_tumor.neighbours import NeighbourCheck, fit, knn_distances, normalise
+    from hf_tumor.neighbours import fit, knn_distances, normalise
 
     rng = np.random.default_rng(0)
     train, validation, far = rng.random((500, 64)), rng.random((200, 64)), rng.random((20, 64)) ** 8
