@@ -47,7 +47,9 @@ def test_predict_json(trained_model):
     result = run_cli("predict", "--model", str(trained_model), "--json", image)
     assert result.returncode == 0
     record = json.loads(result.stdout)
-    assert record["path"] == image and record["error"] is None and record["flags"] == []  # a real slice
+    assert record["path"] == image and record["error"] is None
+    # a real slice: no image-statistics flag (a 2-epoch model's feature-space check may still find it far)
+    assert not any("does not look like a brain MRI slice" in f for f in record["flags"])
     assert list(record["probabilities"]) == CLASSES
     assert abs(sum(record["probabilities"].values()) - 1) < 1e-5
     assert record["label"] == max(record["probabilities"], key=record["probabilities"].get)
