@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import transformers
 from torch.utils.data import DataLoader
 
+from hf_tumor.contract import CONFIG_FILE
 from hf_tumor.data import attach_transforms, collate
 from hf_tumor.evaluation import classification_metrics, evaluate_model, predict_logits
 from hf_tumor.model import create_model, save_model_atomically
@@ -55,7 +56,7 @@ def train_bare(argv: Sequence[str]) -> Path:
     model_args.decay_norm_and_bias, model_args.precise_bn_images, model_args.early_stopping_patience = True, 0, 0
     setup_logging(training_args.should_log)
     output_dir = Path(training_args.output_dir)
-    if (output_dir / "config.json").exists():  # no checkpoints to resume from: never overwrite a finished run
+    if (output_dir / CONFIG_FILE).exists():  # no checkpoints to resume from: never overwrite a finished run
         raise SystemExit(f"error: {output_dir} already holds a model; choose another --output_dir")
     transformers.set_seed(training_args.seed)
     data = prepare_data(data_args, model_args, training_args)

@@ -26,7 +26,8 @@ import PIL.Image
 import torch
 
 from hf_tumor.image_io import InputError, read_image
-from hf_tumor.inference import Predictor, load_predictor, passed_backends
+from hf_tumor.contract import passed_backends
+from hf_tumor.inference import Predictor, load_predictor
 from hf_tumor.preprocessing import gray_if_neutral
 from hf_tumor.runtime import cpu_features, cpu_name, hardware_description, machine_kind
 

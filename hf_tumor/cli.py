@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from hf_tumor.contract import EVAL_RESULTS_FILE, ONNX_DIR, PARITY_FILE, PATIENTS_FILE
 from hf_tumor.errors import UserError
 from hf_tumor.inference import BACKENDS
 from hf_tumor.volumes import PLANES
@@ -38,7 +39,7 @@ def _evaluate(argv: Sequence[str]) -> int:
                   f"{split['accuracy_ci95'][1]:.4f}]  macro-F1 {split['f1_macro']:.4f}  "
                   f"ECE {split['calibration']['ece_after']:.4f}  nearest-neighbour floor "
                   f"{split['nn_baseline']['accuracy']:.4f}  ({split['num_images']} images)")
-    print(f"wrote {Path(args.model) / 'eval_results.json'}")
+    print(f"wrote {Path(args.model) / EVAL_RESULTS_FILE}")
     return 0
 
 
@@ -206,7 +207,7 @@ def _patients(argv: Sequence[str]) -> int:
     parser.add_argument("--sequences", nargs="+", choices=SEQUENCES, help="Sequences (default: all).")
     parser.add_argument("--skull", choices=("with", "stripped", "both"), default="both")
     parser.add_argument("--exclude_trained", action="store_true", help="Skip the patients the model was trained on.")
-    parser.add_argument("--output", help="Write the JSON report here (default: patients_results.json in a local model folder).")
+    parser.add_argument("--output", help=f"Write the JSON report here (default: {PATIENTS_FILE} in a local model folder).")
     args = parser.parse_args(argv)
     from hf_tumor.patients import format_table, run_patients, write_report
 
@@ -260,7 +261,6 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--calibration_method", choices=list(CALIBRATION_METHODS), default="minmax",
                         help="How int8 activation ranges are estimated from those images.")
     args = parser.parse_args(argv)
-    from hf_tumor.inference import ONNX_DIR, PARITY_FILE
     from hf_tumor.runtime import setup_logging
 
     setup_logging()

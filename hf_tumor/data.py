@@ -21,7 +21,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, l
 
 from hf_tumor.augment import AugmentConfig, augment_array, create_train_augment
 from hf_tumor.errors import UserError
-from hf_tumor.preprocessing import create_eval_transform, image_size_of, load_image
+from hf_tumor.contract import image_size_of
+from hf_tumor.preprocessing import create_eval_transform, load_image
 
 logger = logging.getLogger("hf_tumor")
 

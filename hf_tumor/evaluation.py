@@ -25,7 +25,8 @@ from hf_tumor.audit import fingerprints, run_audit, standardize, train_groups
 from hf_tumor.calibration import calibration_report, fit_temperature, fold_temperature
 from hf_tumor.data import attach_transforms, iterate_batches, load_splits, resolve_data_dir
 from hf_tumor.domain import energy_scores, energy_threshold
-from hf_tumor.inference import ARGS_FILE, softmax, torch_forward, torch_outputs
+from hf_tumor.contract import ARGS_FILE, EVAL_RESULTS_FILE, training_split_settings
+from hf_tumor.inference import softmax, torch_forward, torch_outputs
 from hf_tumor.model import class_names_of, load_model, save_model_atomically
 from hf_tumor.neighbours import NeighbourCheck, fit
 from hf_tumor.plots import plot_confusion_matrix, plot_reliability
@@ -157,20 +158,6 @@ def portable_path(path: str | os.PathLike) -> str:
     return str(path) if not path.is_absolute() else path.name
 
 
-def training_split_settings(model_dir: Path) -> dict[str, Any]:
-    """The split seed, validation fraction and subset size the model was trained with (train_args.json)."""
-    settings = {"validation_fraction": 0.15, "split_seed": 42, "limit_per_class": None}
-    args_file = model_dir / ARGS_FILE
-    if args_file.is_file():
-        resolved = json.loads(args_file.read_text())
-        data_args = resolved.get("DataArguments", {})
-        settings["validation_fraction"] = data_args.get("validation_fraction", 0.15)
-        settings["limit_per_class"] = data_args.get("limit_per_class")
-        split_seed = data_args.get("split_seed")  # None, or absent in older files: the training seed
-        settings["split_seed"] = resolved.get("TrainingArguments", {}).get("seed", 42) if split_seed is None else split_seed
-    return settings
-
-
 def _split_report(
     logits: np.ndarray, labels: np.ndarray, class_names: list[str], temperature: float
 ) -> dict[str, Any]:
@@ -275,7 +262,7 @@ def evaluate_model(
 
 
 def _write_report(model_dir: Path, results: dict[str, Any], logits: np.ndarray, labels: np.ndarray, temperature: float) -> None:
-    (model_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (model_dir / EVAL_RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     names = results["class_names"]
     for split, filename, title in (("test", "confusion_matrix.png", "Official test"),
                                    ("clean_test", "confusion_matrix_clean.png", "Leak-free test")):

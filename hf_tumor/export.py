@@ -27,9 +27,8 @@ from hf_tumor.errors import UserError
 from hf_tumor.data import (
     attach_transforms, cache_resized, first_per_class, iterate_batches, load_image_folder, resolve_data_dir,
 )
-from hf_tumor.inference import (
-    FEATURES_OUTPUT, ONNX_DIR, ONNX_FILES, PARITY_FILE, onnx_forward, onnx_session, softmax, torch_forward,
-)
+from hf_tumor.contract import ONNX_DIR, ONNX_FILES, PARITY_FILE
+from hf_tumor.inference import FEATURES_OUTPUT, onnx_forward, onnx_session, softmax, torch_forward
 from hf_tumor.evaluation import portable_path
 from hf_tumor.model import LogitsOnly, class_names_of, load_model
 

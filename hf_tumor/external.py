@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-from hf_tumor.inference import ARGS_FILE, HEALTHY_LABEL
+from hf_tumor.contract import ARGS_FILE, HEALTHY_LABEL
 from hf_tumor.volumes import PLANES, Volume, VolumeError, level_band, load_nifti, slices
 
 BANDS = ("low", "middle", "high")

@@ -19,7 +19,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors.torch import load_file, save_file
 
 from hf_tumor.errors import UserError
-from hf_tumor.inference import ONNX_DIR, ONNX_FILES, PARITY_FILE
+from hf_tumor.contract import (
+    ARGS_FILE, CONFIG_FILE, EVAL_RESULTS_FILE, EXTERNAL_FILE, ONNX_DIR, ONNX_FILES, PARITY_FILE, PATIENTS_FILE, WEIGHTS_FILE,
+)
 
 logger = logging.getLogger("hf_tumor")
 
@@ -29,9 +31,7 @@ CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 SPACE_DIR = REPO_ROOT / "space"
 DATASET_NAME = "brain-tumor-mri"  # the audited data on the Hub (`hf-tumor push-dataset`)
 # what a Hub model repo needs; checkpoints, optimizer states and logs stay behind
-EXTERNAL_FILE = "external_results.json"  # `hf-tumor external --output MODEL/external_results.json`
-PATIENTS_FILE = "patients_results.json"  # `hf-tumor patients` writes it into a local model folder
-MODEL_FILES = ("config.json", "model.safetensors", "README.md", "eval_results.json", "train_args.json",
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, "README.md", EVAL_RESULTS_FILE, ARGS_FILE,
                "train_results.json", "validation_results.json", "trainer_state.json", "training_curves.png",
                "confusion_matrix.png", "confusion_matrix_clean.png", "reliability_diagram.png", EXTERNAL_FILE)
 
@@ -85,13 +85,13 @@ def card_inputs(
     """
     dataset_id = dataset_id or default_dataset_id(repo_id)
     model_dir = Path(model_dir)
-    config = _read_json(model_dir / "config.json")
-    args = _read_json(model_dir / "train_args.json")
+    config = _read_json(model_dir / CONFIG_FILE)
+    args = _read_json(model_dir / ARGS_FILE)
     state = _read_json(model_dir / "trainer_state.json")
     train = _read_json(model_dir / "train_results.json")
-    results = _read_json(model_dir / "eval_results.json")
+    results = _read_json(model_dir / EVAL_RESULTS_FILE)
     if not config or not results:
-        raise FileNotFoundError(f"{model_dir} needs config.json and eval_results.json (run hf-tumor evaluate first)")
+        raise FileNotFoundError(f"{model_dir} needs {CONFIG_FILE} and {EVAL_RESULTS_FILE} (run hf-tumor evaluate first)")
     splits, audit = results["splits"], results["audit"]
     model_args = args.get("ModelArguments", {})
     training = args.get("TrainingArguments", {})
@@ -232,22 +232,22 @@ def package_model(
     run_dir, dest = Path(run_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
-        if name not in ("model.safetensors", "README.md") and (run_dir / name).is_file():
+        if name not in (WEIGHTS_FILE, "README.md") and (run_dir / name).is_file():
             shutil.copy2(run_dir / name, dest / name)
     if (run_dir / ONNX_DIR).is_dir() and run_dir.resolve() != dest.resolve():  # exports and their parity report
         shutil.copytree(run_dir / ONNX_DIR, dest / ONNX_DIR, dirs_exist_ok=True)
-    state = load_file(str(run_dir / "model.safetensors"))
+    state = load_file(str(run_dir / WEIGHTS_FILE))
     state = {
         k.removeprefix("timm_model."): (v.half() if half and v.is_floating_point() else v).contiguous()
         for k, v in state.items()
     }
-    partial = dest / "model.safetensors.partial"
+    partial = dest / f"{WEIGHTS_FILE}.partial"
     save_file(state, str(partial), metadata={"format": "pt"})
     partial.chmod(0o644)
-    os.replace(partial, dest / "model.safetensors")
-    config = _read_json(dest / "config.json")
+    os.replace(partial, dest / WEIGHTS_FILE)
+    config = _read_json(dest / CONFIG_FILE)
     config["dtype"] = "float32"
-    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (dest / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     render_model_card(dest, repo_id, space_id, dataset_id, web_space_id=web_space_id)
     return dest
 

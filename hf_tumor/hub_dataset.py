@@ -28,6 +28,7 @@ from hf_tumor.audit import run_audit, train_groups
 from hf_tumor.data import (
     KAGGLE_DATASET, SPLIT_DIRS, DataError, check_layout, image_files, resolve_data_dir, split_train_validation,
 )
+from hf_tumor.contract import ARGS_FILE, EVAL_RESULTS_FILE, training_split_settings
 from hf_tumor.errors import UserError
 
 logger = logging.getLogger("hf_tumor")
@@ -148,7 +149,7 @@ def _per_class(dataset: Dataset) -> list[int]:
 
 def _model_result(model_dir: Path | None, clean_count: int) -> dict[str, Any] | None:
     """The model's leak-free accuracy, if its evaluation was on this very clean_test (same image count)."""
-    results_file = model_dir / "eval_results.json" if model_dir else None
+    results_file = model_dir / EVAL_RESULTS_FILE if model_dir else None
     if not results_file or not results_file.is_file():
         return None
     clean = json.loads(results_file.read_text()).get("splits", {}).get("clean_test")
@@ -284,10 +285,9 @@ class DatasetPushPlan:
 def _split_settings(model_dir: Path | None, validation_fraction: float, split_seed: int) -> dict[str, Any]:
     if model_dir is None:
         return {"validation_fraction": validation_fraction, "split_seed": split_seed, "limit_per_class": None}
-    from hf_tumor.evaluation import training_split_settings
 
     if not model_dir.is_dir():
-        raise UserError(f"Model folder {model_dir} does not exist; it is read for its train_args.json (split settings).")
+        raise UserError(f"Model folder {model_dir} does not exist; it is read for its {ARGS_FILE} (split settings).")
     return training_split_settings(model_dir)
 
 

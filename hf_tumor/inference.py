@@ -13,7 +13,6 @@ preprocessing is Pillow and NumPy): those load only for the torch backend.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import PIL.Image
 
+from hf_tumor.contract import ONNX_DIR, ONNX_FILES, PARITY_FILE, ModelConfig, passed_backends, read_config, read_parity
 from hf_tumor.domain import DomainCheck
 from hf_tumor.errors import UserError
 from hf_tumor.image_io import InputError, read_image
@@ -34,13 +34,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("hf_tumor")
 
-ONNX_DIR = "onnx"
-ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_quantized.onnx"}
-PARITY_FILE = "parity.json"  # written by `hf-tumor export`: which ONNX files may be used
-ARGS_FILE = "train_args.json"  # the resolved arguments of a training run, in its model folder
 BACKENDS = ("auto", "onnx-int8", "onnx", "torch")
 FASTEST_FIRST = ("onnx-int8", "onnx")  # docs/benchmarks.md; torch is the fallback of 'auto' only
-HEALTHY_LABEL = "notumor"  # the class that means "no tumour": scan verdicts and the suites count against it
 MODEL_ENV = "HF_TUMOR_MODEL"
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "resnetv2_50-scratch-128"
 
@@ -53,10 +48,6 @@ FEATURES_OUTPUT = "features"  # the ONNX files' second output (hf_tumor.export a
 
 class BackendError(UserError, RuntimeError):
     """The requested backend cannot be used for this model; the message says how to make it usable."""
-
-
-class ModelConfigError(UserError, ValueError):
-    """A model folder whose config.json cannot be read as a classifier's; the message says what is wrong."""
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -145,25 +136,7 @@ def onnx_outputs(session: Any) -> Outputs:
     return outputs
 
 
-# --------------------------------------------------------------------------- the parity record
-
-
-def read_parity(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """``onnx/parity.json`` of a model folder, or {} where none was written."""
-    path = Path(model_dir) / ONNX_DIR / PARITY_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def passed_backends(model_dir: str | os.PathLike, parity: dict[str, Any] | None = None) -> list[str]:
-    """The ONNX backends whose file exists and whose parity check passed on that very file."""
-    parity = read_parity(model_dir) if parity is None else parity
-    passed = []
-    for name, file in ONNX_FILES.items():
-        path, entry = Path(model_dir) / ONNX_DIR / file, parity.get(name, {})
-        # the size ties the verdict to the file it was measured on: a re-export without a check is not used
-        if entry.get("passed") and path.is_file() and path.stat().st_size == entry.get("bytes"):
-            passed.append(name)
-    return passed
+# --------------------------------------------------------------------------- choosing the backend
 
 
 def choose_backend(model_dir: Path, requested: str = "auto", parity: dict[str, Any] | None = None) -> str:
@@ -187,53 +160,6 @@ def choose_backend(model_dir: Path, requested: str = "auto", parity: dict[str, A
             f"({ONNX_DIR}/{PARITY_FILE}). Create it with `{how}`, or use --backend torch."
         )
     return requested
-
-
-# --------------------------------------------------------------------------- the model's config
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """What serving needs of a model's ``config.json``, read as JSON: transformers' ``AutoConfig`` would
-    import PyTorch, and the ONNX backends need none. For the torch backend it is read from the same file."""
-
-    id2label: dict[int, str]
-    pretrained_cfg: dict[str, Any]
-    ood_energy_threshold: float | None = None  # written by `hf-tumor evaluate` (``hf_tumor.domain``)
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label)
-
-
-def read_config(model_dir: str | os.PathLike) -> ModelConfig:
-    """A model folder's ``config.json`` as ``TimmWrapperConfig`` reads it: class names from ``label_names``
-    (``id2label`` where a config has that instead), timm's ``pretrained_cfg``, the domain check's threshold."""
-    path = Path(model_dir) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelConfigError(f"{path} is not a JSON model config ({type(err).__name__}).") from None
-    if not isinstance(raw, dict):
-        raise ModelConfigError(f"{path} is not a JSON model config (no object at its top).")
-    names, id2label = raw.get("label_names"), raw.get("id2label")
-    if isinstance(names, list) and names:
-        labels = dict(enumerate(map(str, names)))
-    elif isinstance(id2label, dict) and id2label:
-        try:
-            labels = {int(k): str(v) for k, v in id2label.items()}
-        except ValueError:
-            raise ModelConfigError(f"{path}: id2label has keys that are not class ids.") from None
-    else:
-        raise ModelConfigError(f"{path} names no classes (label_names or id2label): not a classifier trained here.")
-    if sorted(labels) != list(range(len(labels))):
-        raise ModelConfigError(f"{path}: the class ids are not 0 to {len(labels) - 1}.")
-    if not isinstance(raw.get("pretrained_cfg"), dict):
-        raise ModelConfigError(f"{path} has no pretrained_cfg: the preprocessing the model expects is unknown.")
-    threshold = raw.get("ood_energy_threshold")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-        raise ModelConfigError(f"{path}: ood_energy_threshold is {threshold!r}, not a number.")
-    return ModelConfig(labels, raw["pretrained_cfg"], None if threshold is None else float(threshold))
 
 
 # --------------------------------------------------------------------------- prediction
@@ -271,7 +197,7 @@ class Predictor:
     parity: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.class_names = [self.config.id2label[i] for i in range(self.config.num_labels)]
+        self.class_names = self.config.class_names
         self.transform = create_eval_transform(self.config.pretrained_cfg)
         self.domain = DomainCheck.of(self.config, NeighbourCheck.load(self.model_dir))
 

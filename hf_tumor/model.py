@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
+from hf_tumor.contract import WEIGHTS_FILE
 from hf_tumor.errors import UserError
 from hf_tumor.preprocessing import make_pretrained_cfg
 
@@ -87,10 +88,10 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise ModelInitError(f"--init {path}: no such file or folder. Valid values: {INIT_CHOICES}.")
     if path.is_dir():
-        for candidate in ("model.safetensors", "pytorch_model.bin"):
+        for candidate in (WEIGHTS_FILE, "pytorch_model.bin"):
             if (path / candidate).is_file():
                 return _read_checkpoint(path / candidate)
-        raise ModelInitError(f"--init {path}: the folder has no model.safetensors or pytorch_model.bin.")
+        raise ModelInitError(f"--init {path}: the folder has no {WEIGHTS_FILE} or pytorch_model.bin.")
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:

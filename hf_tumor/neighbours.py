@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURES_FILE = "domain_features.npz"
+from hf_tumor.contract import FEATURES_FILE
+
 DEFAULT_K = 10
 FLAG_RATE = 0.03  # share of validation slices flagged; energy and image checks add to it on the test
 

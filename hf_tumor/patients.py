@@ -37,7 +37,8 @@ import nibabel as nib
 import numpy as np
 
 from hf_tumor.errors import UserError
-from hf_tumor.inference import ARGS_FILE, HEALTHY_LABEL, Predictor, load_predictor
+from hf_tumor.contract import ARGS_FILE, HEALTHY_LABEL, PATIENTS_FILE
+from hf_tumor.inference import Predictor, load_predictor
 from hf_tumor.scan import ScanResult, index_ranges, load_scan, predict_scan
 from hf_tumor.volumes import PLANE_AXIS, load_nifti
 
@@ -48,7 +49,6 @@ LESION_VOXELS = 500  # fewer mask voxels than this (but some): the lesion's fain
 CONFIDENT = 0.9
 SEQUENCES = ("t1c", "t1", "t2", "flair")
 ANY_TUMOUR = "any tumour"  # the expected class of a metastasis: the four classes have none of its own
-RESULTS_FILE = "patients_results.json"
 PLANE = "axial"  # the readings and masks are per axial slice; the scans were acquired (or resampled) axially
 
 CLI_HELP = (
@@ -521,7 +521,7 @@ def format_table(report: dict[str, Any]) -> str:
     else:
         lines.append("No held-out patient was run.")
     if trained:
-        lines += ["", f"**Trained on** (train_args.json lists {', '.join(report['trained_on'])}; not in the "
+        lines += ["", f"**Trained on** ({ARGS_FILE} lists {', '.join(report['trained_on'])}; not in the "
                   "headline: these say nothing independent about this model)", "", *_table(trained), "",
                   "- " + _headline("Trained-on patients", report["trained_on_totals"], confident)]
     return "\n".join(lines)
@@ -529,6 +529,6 @@ def format_table(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], model_dir: str | os.PathLike) -> Path:
     """``patients_results.json`` in the model folder (beside external_results.json); returns its path."""
-    path = Path(model_dir) / RESULTS_FILE
+    path = Path(model_dir) / PATIENTS_FILE
     path.write_text(json.dumps(report, indent=1) + "\n")
     return path

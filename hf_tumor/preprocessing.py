@@ -58,11 +58,6 @@ def make_pretrained_cfg(model_name: str, image_size: int, interpolation: str = "
     }
 
 
-def image_size_of(pretrained_cfg: dict[str, Any]) -> int:
-    """The square input size stored in a ``pretrained_cfg``."""
-    return int(pretrained_cfg["input_size"][-1])
-
-
 def load_image(source: str | Path | bytes | PIL.Image.Image) -> PIL.Image.Image:
     """Open an image the way ``pipeline()`` does: EXIF orientation applied, converted to RGB."""
     from transformers.image_utils import load_image as hf_load_image  # training and audit; serving has image_io

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from hf_tumor.contract import EVAL_RESULTS_FILE
 from hf_tumor.inference import Prediction
 
 
@@ -43,7 +44,7 @@ def batch_table(predictions: list[Prediction], class_names: list[str]) -> tuple[
 
 def model_summary(model_dir: str | os.PathLike) -> dict[str, float]:
     """Official and leak-free test accuracy from the model folder's eval_results.json, if it is local."""
-    results_file = Path(model_dir) / "eval_results.json"
+    results_file = Path(model_dir) / EVAL_RESULTS_FILE
     if not results_file.is_file():
         return {}
     splits = json.loads(results_file.read_text())["splits"]

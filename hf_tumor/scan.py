@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from hf_tumor.dicom_series import read_series
-from hf_tumor.inference import HEALTHY_LABEL, Prediction, Predictor
+from hf_tumor.contract import HEALTHY_LABEL
+from hf_tumor.inference import Prediction, Predictor
 from hf_tumor.volumes import PLANES, Slice, Volume, VolumeError, level_band, load_nifti, slices, volume_from_image
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")

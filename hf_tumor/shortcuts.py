@@ -41,10 +41,11 @@ import numpy as np
 import PIL.Image
 from scipy import ndimage as ndi
 
+from hf_tumor.contract import HEALTHY_LABEL
 from hf_tumor.errors import UserError
 from hf_tumor.explain import head_mask as _blurred_head_mask
 
-NEGATIVE = "notumor"  # the class that the transforms are suspected of pushing answers towards
+NEGATIVE = HEALTHY_LABEL  # the class that the transforms are suspected of pushing answers towards
 MASK_SIDE = 128  # explain.head_mask runs at this size (it is 1 s at 512 px, 25 ms at 128)
 BRAIN_SIDE = 256  # the brain mask is computed at most at this size and scaled up
 AUDIT_BATCH = 32

@@ -42,8 +42,8 @@ from hf_tumor.data import (
     load_splits,
     resolve_data_dir,
 )
+from hf_tumor.contract import ARGS_FILE, HEALTHY_LABEL
 from hf_tumor.evaluation import classification_metrics, evaluate_model
-from hf_tumor.inference import ARGS_FILE
 from hf_tumor.model import INIT_CHOICES, create_model, save_model_atomically
 from hf_tumor.plots import plot_training_curves
 from hf_tumor.preprocessing import make_pretrained_cfg
@@ -318,7 +318,7 @@ def check_resume_precision(checkpoint: str, bf16: bool, explicit: bool) -> None:
             f"{precision_name(bf16)} ({hardware_description()}). Resuming would change precision in the "
             f"middle of the run. Pass --bf16 {started} to go on as it started"
             f"{' (emulated bf16 on a CPU without native bf16 is about 17x slower)' if started else ''}, or "
-            f"--bf16 {bf16} to go on in {precision_name(bf16)} (train_args.json then records it)."
+            f"--bf16 {bf16} to go on in {precision_name(bf16)} ({ARGS_FILE} then records it)."
         )
 
 
@@ -369,7 +369,7 @@ def add_healthy_slices(train: Dataset, data_args: DataArguments, pretrained_cfg:
     and framing. Slices of whole healthy heads say otherwise. Validation stays Kaggle only, so that
     it measures what it always has.
     """
-    from hf_tumor.external import HEALTHY_LABEL, build_suite
+    from hf_tumor.external import build_suite
     from hf_tumor.volumes import PLANES, VolumeError
 
     names = class_names(train)
@@ -395,7 +395,7 @@ def add_patient_slices(train: Dataset, data_args: DataArguments, pretrained_cfg:
     """Training plus the masked patients' axial slices: lesion slices as glioma, tumour-free ones as the
     healthy class (:mod:`hf_tumor.patient_slices`). Validation stays Kaggle only."""
     from hf_tumor.patient_slices import collect
-    from hf_tumor.patients import HEALTHY_LABEL, PatientDataError
+    from hf_tumor.patients import PatientDataError
 
     names = class_names(train)
     try:

@@ -20,7 +20,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from hf_tumor.errors import UserError
-from hf_tumor.inference import ONNX_DIR, ONNX_FILES, passed_backends
+from hf_tumor.contract import CONFIG_FILE, ONNX_DIR, ONNX_FILES, passed_backends
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 PAGE_FILES = ("index.html", "app.js", "preprocess.js")
@@ -58,7 +58,7 @@ def build_web(dest: str | os.PathLike, model_dir: str | os.PathLike, web_dir: Pa
     """Assemble the page in ``dest``: its files, the runtime, and ``model/`` (config and the int8 file,
     which must have passed its parity check). Returns the files written."""
     model_dir, dest = Path(model_dir), Path(dest)
-    cfg = json.loads((model_dir / "config.json").read_text()).get("pretrained_cfg", {})
+    cfg = json.loads((model_dir / CONFIG_FILE).read_text()).get("pretrained_cfg", {})
     if cfg.get("crop_pct", 1.0) != 1.0 or cfg.get("crop_mode", "squash") != "squash" or cfg.get("interpolation") not in PAGE_RESAMPLING:
         raise WebBuildError(f"the page preprocesses a squash resize with {' or '.join(PAGE_RESAMPLING)} resampling "
                             f"and no crop; {model_dir}'s pretrained_cfg asks for {cfg}")
@@ -68,7 +68,7 @@ def build_web(dest: str | os.PathLike, model_dir: str | os.PathLike, web_dir: Pa
     dist = runtime_dir(web_dir)
     sources = {name: web_dir / name for name in PAGE_FILES} | {name: dist / name for name in RUNTIME_FILES}
     int8 = ONNX_FILES["onnx-int8"]
-    sources |= {"model/config.json": model_dir / "config.json", f"model/{int8}": model_dir / ONNX_DIR / int8}
+    sources |= {f"model/{CONFIG_FILE}": model_dir / CONFIG_FILE, f"model/{int8}": model_dir / ONNX_DIR / int8}
     written = []
     for name, source in sources.items():
         target = dest / name

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import CLASSES, real_images
-from hf_tumor.inference import ONNX_DIR, BackendError, choose_backend, load_predictor, passed_backends
+from hf_tumor.contract import ONNX_DIR, passed_backends
+from hf_tumor.inference import BackendError, choose_backend, load_predictor
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +102,8 @@ def test_every_backend_computes_the_neighbour_check_from_the_model_folder(export
     import onnx
     import PIL.Image
 
-    from hf_tumor.neighbours import FEATURES_FILE, NeighbourCheck
+    from hf_tumor.contract import FEATURES_FILE
+    from hf_tumor.neighbours import NeighbourCheck
 
     model_dir, _ = exported
     assert (trained_model / FEATURES_FILE).is_file()

@@ -15,7 +15,7 @@ from conftest import BUNDLED_MODEL, CLASSES, TEST_IMAGE_SIZE, make_subset
 from hf_tumor.audit import run_audit, train_groups
 from hf_tumor.data import DataError, load_splits
 from hf_tumor.errors import UserError
-from hf_tumor.evaluation import training_split_settings
+from hf_tumor.contract import training_split_settings
 from hf_tumor.hub import PushError
 from hf_tumor.hub_dataset import DATASET_CARD_TEMPLATE, SPLITS, build_dataset_dict, push_dataset
 from hf_tumor.preprocessing import make_pretrained_cfg

@@ -13,7 +13,8 @@ pytest.importorskip("onnxruntime")
 
 from conftest import BUNDLED_MODEL
 from hf_tumor.errors import UserError
-from hf_tumor.inference import ARGS_FILE, load_predictor
+from hf_tumor.contract import ARGS_FILE
+from hf_tumor.inference import load_predictor
 from hf_tumor.patients import (
     LESION_VOXELS,
     PATIENTS_ENV,

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import BUNDLED_MODEL, REPO, real_images
 from hf_tumor.image_io import read_image
-from hf_tumor.inference import ModelConfigError, load_predictor, read_config
+from hf_tumor.contract import ModelConfigError, read_config
+from hf_tumor.inference import load_predictor
 from hf_tumor.preprocessing import PreprocessingError, create_eval_transform
 
 TRAINING_STACK = ("datasets", "pyarrow", "accelerate", "evaluate", "sklearn", "matplotlib")

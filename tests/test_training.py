@@ -22,7 +22,8 @@ from transformers import AutoModelForImageClassification, pipeline
 
 from conftest import BUNDLED_MODEL, CLASSES, REPO, TEST_IMAGE_SIZE, train_args
 from hf_tumor.data import attach_transforms, cache_resized, load_image_folder
-from hf_tumor.evaluation import predict_logits, training_split_settings
+from hf_tumor.contract import training_split_settings
+from hf_tumor.evaluation import predict_logits
 from hf_tumor.hub import card_inputs
 from hf_tumor.inference import load_predictor
 from hf_tumor.model import load_model
