@@ -27,11 +27,11 @@ import transformers
 from torch.utils.data import DataLoader
 
 from hf_tumor.contract import CONFIG_FILE
-from hf_tumor.data import attach_transforms, collate
-from hf_tumor.evaluation import classification_metrics, evaluate_model, predict_logits
-from hf_tumor.model import create_model, save_model_atomically
-from hf_tumor.runtime import setup_logging
-from hf_tumor.training import parse_args, prepare_data, save_resolved_args
+from hf_tumor.training.data import attach_transforms, collate
+from hf_tumor.training.evaluation import classification_metrics, evaluate_model, predict_logits
+from hf_tumor.serving.model import create_model, save_model_atomically
+from hf_tumor.training.runtime import setup_logging
+from hf_tumor.training.train import parse_args, prepare_data, save_resolved_args
 
 logger = logging.getLogger("hf_tumor")
 

@@ -25,11 +25,11 @@ import numpy as np
 import PIL.Image
 import torch
 
-from hf_tumor.image_io import InputError, read_image
+from hf_tumor.serving.image_io import InputError, read_image
 from hf_tumor.contract import passed_backends
-from hf_tumor.inference import Predictor, load_predictor
-from hf_tumor.preprocessing import gray_if_neutral
-from hf_tumor.runtime import cpu_features, cpu_name, hardware_description, machine_kind
+from hf_tumor.serving.inference import Predictor, load_predictor
+from hf_tumor.serving.preprocessing import gray_if_neutral
+from hf_tumor.training.runtime import cpu_features, cpu_name, hardware_description, machine_kind
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -100,7 +100,7 @@ def storage_kind(image: PIL.Image.Image) -> str:
 
 def first_of_each_kind(root: Path) -> list[Path]:
     """The Testing split's first file of each storage kind, in class-folder order."""
-    from hf_tumor.data import SPLIT_DIRS, check_layout, image_files
+    from hf_tumor.training.data import SPLIT_DIRS, check_layout, image_files
 
     found: dict[str, Path] = {}
     for name in check_layout(root):
@@ -358,7 +358,7 @@ def scan_benchmark(model: str, volume: Path, plane: str = "axial", runs: int = 3
     (read, classify, one slice with its heatmap; the server's peak memory)."""
     from gradio_client import Client, handle_file
 
-    from hf_tumor.scan import load_scan, predict_scan
+    from hf_tumor.serving.scan import load_scan, predict_scan
 
     # the CLI's own main() in a fresh process that reports its peak memory on the way out
     code = ("import sys; from hf_tumor.cli import main\n"
@@ -418,7 +418,7 @@ def scan_benchmark(model: str, volume: Path, plane: str = "axial", runs: int = 3
 def web_benchmark(model: str, images: list[Path]) -> dict[str, Any]:
     """The in-browser page in headless Chromium: its download size, the model's load, the first slice
     (load included) and the steady per-slice latency, on ``images`` dropped on the page at once."""
-    from hf_tumor.web import build_web, classify_in_browser, serve
+    from hf_tumor.training.web import build_web, classify_in_browser, serve
 
     with tempfile.TemporaryDirectory(prefix="hf-tumor-web-") as tmp:
         files = build_web(tmp, Path(model))
@@ -464,9 +464,9 @@ class _PeakRSS:
 
 def _train_view(data_dir: Path, image_size: int, model_name: str):
     """The training split's view exactly as training builds it (cached resize, augmentation, to tensor)."""
-    from hf_tumor.data import attach_transforms, cache_resized, load_image_folder
-    from hf_tumor.augment import AugmentConfig
-    from hf_tumor.preprocessing import make_pretrained_cfg
+    from hf_tumor.training.data import attach_transforms, cache_resized, load_image_folder
+    from hf_tumor.training.augment import AugmentConfig
+    from hf_tumor.serving.preprocessing import make_pretrained_cfg
 
     cfg = make_pretrained_cfg(model_name, image_size)
     return attach_transforms(cache_resized(load_image_folder(data_dir)["train"], cfg, "train"), cfg, AugmentConfig())
@@ -480,9 +480,9 @@ def train_benchmark(data_dir: str | os.PathLike, image_size: int, precision: str
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_tumor.bare_loop import train_step
-    from hf_tumor.data import collate, resolve_data_dir
-    from hf_tumor.model import create_model
-    from hf_tumor.training import TRAINING_DEFAULTS
+    from hf_tumor.training.data import collate, resolve_data_dir
+    from hf_tumor.serving.model import create_model
+    from hf_tumor.training.train import TRAINING_DEFAULTS
 
     view = _train_view(resolve_data_dir(data_dir), image_size, model_name)
     workers = TRAINING_DEFAULTS["dataloader_num_workers"]

@@ -7,9 +7,9 @@ import argparse
 import json
 
 from hf_tumor.benchmark import ood_report, write_report
-from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
-from hf_tumor.inference import load_predictor
-from hf_tumor.inference import default_model
+from hf_tumor.training.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
+from hf_tumor.serving.inference import load_predictor
+from hf_tumor.serving.inference import default_model
 
 
 def main() -> None:

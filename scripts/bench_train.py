@@ -11,7 +11,7 @@ import argparse
 import json
 
 from hf_tumor.benchmark import machine, train_benchmark, write_report
-from hf_tumor.runtime import bf16_available
+from hf_tumor.training.runtime import bf16_available
 
 
 def main() -> None:

@@ -20,13 +20,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # on a Space, hf_tumor/ sits beside this file
 from hf_tumor.errors import UserError  # noqa: E402
-from hf_tumor.explain import MAP_NOTE, CamExplainer, overlay  # noqa: E402
-from hf_tumor.image_io import read_image  # noqa: E402
-from hf_tumor.inference import Predictor, load_predictor  # noqa: E402
-from hf_tumor.inference import default_model  # noqa: E402
-from hf_tumor.reporting import OutputFolder, batch_table, limit_malloc_arenas, model_summary, verdict  # noqa: E402
-from hf_tumor.scan import MAX_SCAN_BYTES, PLANES, ScanResult, load_scan, predict_scan, summary_lines  # noqa: E402
-from hf_tumor.volumes import ChoiceNeeded  # noqa: E402
+from hf_tumor.serving.explain import MAP_NOTE, CamExplainer, overlay  # noqa: E402
+from hf_tumor.serving.image_io import read_image  # noqa: E402
+from hf_tumor.serving.inference import Predictor, load_predictor  # noqa: E402
+from hf_tumor.serving.inference import default_model  # noqa: E402
+from hf_tumor.serving.reporting import OutputFolder, batch_table, limit_malloc_arenas, model_summary, verdict  # noqa: E402
+from hf_tumor.serving.scan import MAX_SCAN_BYTES, PLANES, ScanResult, load_scan, predict_scan, summary_lines  # noqa: E402
+from hf_tumor.serving.volumes import ChoiceNeeded  # noqa: E402
 
 MODEL_CARD_URL = "https://huggingface.co/{}"
 EXAMPLES = Path(__file__).resolve().parent / "examples"

@@ -92,7 +92,7 @@ def train_args(data_dir: Path, output_dir: Path, *extra: str, image_size: int | 
 @pytest.fixture(scope="session")
 def tiny_train_size(tiny_data, tmp_path_factory) -> int:
     """How many of ``tiny_data``'s images the default recipe trains on (the rest is validation)."""
-    from hf_tumor.training import parse_args, prepare_data
+    from hf_tumor.training.train import parse_args, prepare_data
 
     data_args, model_args, _, training_args = parse_args(train_args(tiny_data, tmp_path_factory.mktemp("sizes")))
     return len(prepare_data(data_args, model_args, training_args).splits["train"])
@@ -101,7 +101,7 @@ def tiny_train_size(tiny_data, tmp_path_factory) -> int:
 @pytest.fixture(scope="session")
 def trained_model(tiny_data, tmp_path_factory) -> Path:
     """A resnetv2_50 model folder trained for 2 epochs by the real training entry point, then evaluated."""
-    from hf_tumor.training import main
+    from hf_tumor.training.train import main
 
     return main(train_args(tiny_data, tmp_path_factory.mktemp("model") / "run"))
 

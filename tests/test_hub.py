@@ -15,7 +15,7 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard
 from transformers import AutoModelForImageClassification
 
 from conftest import BUNDLED_MODEL, CLASSES, REPO, SHARED_DATA, real_images
-from hf_tumor.hub import CARD_TEMPLATE, PushError, card_inputs, package_model, push
+from hf_tumor.training.hub import CARD_TEMPLATE, PushError, card_inputs, package_model, push
 
 REPO_ID = "someone/hf-tumor-test"
 
@@ -32,9 +32,9 @@ def _card_text(model_dir) -> str:
 
 
 def test_the_card_template_ships_in_the_package_and_model_card_md_is_the_bundled_card():
-    import hf_tumor
+    import hf_tumor.training
 
-    assert CARD_TEMPLATE.is_file() and CARD_TEMPLATE.parent.parent == Path(hf_tumor.__file__).resolve().parent
+    assert CARD_TEMPLATE.is_file() and CARD_TEMPLATE.parent.parent == Path(hf_tumor.training.__file__).resolve().parent
     assert "templates/*.md" in (REPO / "pyproject.toml").read_text()  # package data: installed packages render cards
     top_level = REPO / "model_card.md"
     assert top_level.is_symlink() and top_level.resolve() == (BUNDLED_MODEL / "README.md").resolve()
@@ -238,9 +238,9 @@ def test_the_staged_space_runs_as_the_hub_runs_it(tmp_path):
     from gradio_client import Client, handle_file
     from huggingface_hub import SpaceCard
 
-    from hf_tumor.audit import run_audit
-    from hf_tumor.hub import serving_modules
-    from hf_tumor.inference import load_predictor
+    from hf_tumor.training.audit import run_audit
+    from hf_tumor.training.hub import serving_modules
+    from hf_tumor.serving.inference import load_predictor
 
     push(BUNDLED_MODEL, REPO_ID, space_id="someone/hf-tumor", dry_run=tmp_path / "out", data_dir=SHARED_DATA)
     space, model = tmp_path / "out" / "space", tmp_path / "out" / "model"

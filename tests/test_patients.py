@@ -14,8 +14,8 @@ pytest.importorskip("onnxruntime")
 from conftest import BUNDLED_MODEL
 from hf_tumor.errors import UserError
 from hf_tumor.contract import ARGS_FILE
-from hf_tumor.inference import load_predictor
-from hf_tumor.patients import (
+from hf_tumor.serving.inference import load_predictor
+from hf_tumor.checks.patients import (
     LESION_VOXELS,
     PATIENTS_ENV,
     PatientDataError,
@@ -25,8 +25,8 @@ from hf_tumor.patients import (
     trained_patients,
     write_report,
 )
-from hf_tumor.scan import load_scan, predict_scan
-from hf_tumor.volumes import slices
+from hf_tumor.serving.scan import load_scan, predict_scan
+from hf_tumor.serving.volumes import slices
 
 DATA = default_data_dir()
 BRATS = DATA / "brats-samples" / "BraTS2021_00006"

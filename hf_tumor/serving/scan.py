@@ -1,7 +1,7 @@
 """Whole scans: a NIfTI volume or a DICOM series in, one answer per slice and a scan summary out.
 
 The volume is made canonical from its affine and cut along the chosen plane the way a viewer shows it
-(:mod:`hf_tumor.volumes`); every slice through the head goes through the same preprocessing, backend
+(:mod:`hf_tumor.serving.volumes`); every slice through the head goes through the same preprocessing, backend
 and domain check as a single uploaded slice, in batches. A scan also says where each slice lies, so
 slices near the ends of the head, where the training slices seldom lie and a tumour label is least
 trustworthy, are flagged instead of labelled.
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_tumor.dicom_series import read_series
+from hf_tumor.serving.dicom_series import read_series
 from hf_tumor.contract import HEALTHY_LABEL
-from hf_tumor.inference import Prediction, Predictor
-from hf_tumor.volumes import PLANES, Slice, Volume, VolumeError, level_band, load_nifti, slices, volume_from_image
+from hf_tumor.serving.inference import Prediction, Predictor
+from hf_tumor.serving.volumes import PLANES, Slice, Volume, VolumeError, level_band, load_nifti, slices, volume_from_image
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
 SCAN_SUFFIXES = (*NIFTI_SUFFIXES, ".zip")
@@ -43,7 +43,7 @@ def load_scan(source: str | os.PathLike | Sequence[str | os.PathLike], *, volume
     """A NIfTI (or MGH) file, a DICOM folder or zip, or a list of DICOM files, as a canonical :class:`Volume`.
 
     Every problem (missing, truncated, 2-D, 4-D without ``volume_index``, several DICOM series without
-    ``series``, absurd sizes, hostile zips) is a :class:`~hf_tumor.volumes.VolumeError` saying what to do.
+    ``series``, absurd sizes, hostile zips) is a :class:`~hf_tumor.serving.volumes.VolumeError` saying what to do.
     """
     if not isinstance(source, (str, os.PathLike)):
         files = [Path(p) for p in source]

@@ -23,11 +23,11 @@ import numpy as np
 import PIL.Image
 
 from hf_tumor.contract import ONNX_DIR, ONNX_FILES, PARITY_FILE, ModelConfig, passed_backends, read_config, read_parity
-from hf_tumor.domain import DomainCheck
+from hf_tumor.serving.domain import DomainCheck
 from hf_tumor.errors import UserError
-from hf_tumor.image_io import InputError, read_image
-from hf_tumor.neighbours import NeighbourCheck
-from hf_tumor.preprocessing import create_eval_transform
+from hf_tumor.serving.image_io import InputError, read_image
+from hf_tumor.serving.neighbours import NeighbourCheck
+from hf_tumor.serving.preprocessing import create_eval_transform
 
 if TYPE_CHECKING:
     import torch
@@ -37,13 +37,13 @@ logger = logging.getLogger("hf_tumor")
 BACKENDS = ("auto", "onnx-int8", "onnx", "torch")
 FASTEST_FIRST = ("onnx-int8", "onnx")  # docs/benchmarks.md; torch is the fallback of 'auto' only
 MODEL_ENV = "HF_TUMOR_MODEL"
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "resnetv2_50-scratch-128"
+BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "models" / "resnetv2_50-scratch-128"
 
 
 Forward = Callable[[np.ndarray], np.ndarray]  # normalized NCHW float32 batch -> logits
 # the same batch -> (logits, pooled penultimate features, or None where the backend has none)
 Outputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
-FEATURES_OUTPUT = "features"  # the ONNX files' second output (hf_tumor.export adds it)
+FEATURES_OUTPUT = "features"  # the ONNX files' second output (hf_tumor.training.export adds it)
 
 
 class BackendError(UserError, RuntimeError):
@@ -261,7 +261,7 @@ def load_predictor(model: str | os.PathLike, backend: str = "auto", revision: st
     chosen = choose_backend(model_dir, backend, parity)
     config = read_config(model_dir)
     if chosen == "torch":
-        from hf_tumor.model import load_model
+        from hf_tumor.serving.model import load_model
 
         outputs = torch_outputs(load_model(model_dir))
     else:

@@ -48,7 +48,7 @@ class CamExplainer:
     """
 
     def __init__(self, model_dir: str | Path, layer: str | None = None):
-        from hf_tumor.model import load_model
+        from hf_tumor.serving.model import load_model
 
         self.model = load_model(model_dir)
         for parameter in self.model.parameters():  # gradients are wanted for the activation only

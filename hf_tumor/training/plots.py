@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
-from hf_tumor.calibration import reliability_bins  # noqa: E402
+from hf_tumor.training.calibration import reliability_bins  # noqa: E402
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: list[str], path: Path, title: str) -> Path:

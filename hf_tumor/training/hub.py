@@ -25,7 +25,7 @@ from hf_tumor.contract import (
 
 logger = logging.getLogger("hf_tumor")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # a Jinja template for huggingface_hub.ModelCard, shipped inside the package (package-data)
 CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 SPACE_DIR = REPO_ROOT / "space"
@@ -304,7 +304,7 @@ def space_examples(data_dir: str | os.PathLike) -> dict[str, Path]:
     """
     from matplotlib import cbook
 
-    from hf_tumor.audit import run_audit
+    from hf_tumor.training.audit import run_audit
 
     root = Path(data_dir)
     clean = sorted(run_audit(root)["clean_test"]["paths"])
@@ -345,8 +345,8 @@ def stage_space(dest: Path, repo_id: str, examples: dict[str, Path] | None = Non
 
 def stage_web_space(dest: Path, model_dir: Path, repo_id: str) -> Path:
     """The static Space of the in-browser page: the page with its runtime and the int8 model
-    (``hf_tumor.web.build_web``) and its card, pointed at ``repo_id``."""
-    from hf_tumor.web import WEB_DIR, build_web
+    (``hf_tumor.training.web.build_web``) and its card, pointed at ``repo_id``."""
+    from hf_tumor.training.web import WEB_DIR, build_web
 
     build_web(dest, model_dir)
     (dest / "README.md").write_text((WEB_DIR / "README.md").read_text().replace("HF_TUMOR_MODEL_REPO", repo_id))

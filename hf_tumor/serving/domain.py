@@ -5,7 +5,7 @@ what is plainly no MRI slice (colour, blank, a white page, noise), and the energ
 (-logsumexp of the logits) catches inputs the classifier finds unlike its training slices. Its
 threshold is the 99th percentile on validation slices, written by ``hf-tumor evaluate`` into
 ``config.json`` (``ood_energy_threshold``). Neither sees a confident wrong answer on a slice unlike
-every training slice; the feature-space neighbour distance (:mod:`hf_tumor.neighbours`) does, where
+every training slice; the feature-space neighbour distance (:mod:`hf_tumor.serving.neighbours`) does, where
 the model folder has its reference features.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import PIL.Image
 
-from hf_tumor.neighbours import NeighbourCheck
+from hf_tumor.serving.neighbours import NeighbourCheck
 
 
 def image_checks(image: PIL.Image.Image | np.ndarray) -> list[str]:

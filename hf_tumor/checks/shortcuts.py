@@ -43,7 +43,7 @@ from scipy import ndimage as ndi
 
 from hf_tumor.contract import HEALTHY_LABEL
 from hf_tumor.errors import UserError
-from hf_tumor.explain import head_mask as _blurred_head_mask
+from hf_tumor.serving.explain import head_mask as _blurred_head_mask
 
 NEGATIVE = HEALTHY_LABEL  # the class that the transforms are suspected of pushing answers towards
 MASK_SIDE = 128  # explain.head_mask runs at this size (it is 1 s at 512 px, 25 ms at 128)
@@ -516,7 +516,7 @@ def run_audit_shortcuts(predictor: Any, paths: Sequence[str | os.PathLike], *,
     """
     from tqdm.auto import tqdm
 
-    from hf_tumor.image_io import InputError, read_image
+    from hf_tumor.serving.image_io import InputError, read_image
 
     classes = list(predictor.class_names)
     if negative not in classes:

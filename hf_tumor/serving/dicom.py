@@ -1,9 +1,9 @@
 """The one DICOM pixel decoder, used by a single uploaded slice and by every slice of a series.
 
 A slice must reach the model as the same 8-bit image whether it is uploaded alone
-(:func:`hf_tumor.image_io.read_image`) or arrives inside a series that is stacked into a volume and cut
-again (:func:`hf_tumor.dicom_series.read_series`, then :func:`hf_tumor.volumes.slices`). So both read
-pixels here, and both are windowed by :func:`hf_tumor.volumes.display_image`. The policy, stated once:
+(:func:`hf_tumor.serving.image_io.read_image`) or arrives inside a series that is stacked into a volume and cut
+again (:func:`hf_tumor.serving.dicom_series.read_series`, then :func:`hf_tumor.serving.volumes.slices`). So both read
+pixels here, and both are windowed by :func:`hf_tumor.serving.volumes.display_image`. The policy, stated once:
 
 - **Values** are the modality transform of the stored pixels (RescaleSlope/RescaleIntercept or the
   Modality LUT, by pydicom's ``apply_modality_lut``), as float32.
@@ -14,11 +14,11 @@ pixels here, and both are windowed by :func:`hf_tumor.volumes.display_image`. Th
   display preference, not data: scanners often give each slice of a series its own, a volume windowed so
   would be striped when cut across, and the NIfTI of the same scan carries none. Every grey slice,
   alone or cut from a volume, is instead windowed to its own 1st-99th intensity percentile and given
-  square pixels (:func:`hf_tumor.volumes.display_image`), as a viewer's auto-window does.
+  square pixels (:func:`hf_tumor.serving.volumes.display_image`), as a viewer's auto-window does.
 - **One frame per file.** A multi-frame (enhanced) file is a series in itself: refused, alone or inside a
   series, with the advice to convert it to NIfTI (dcm2niix) and read it as a scan.
 - **Orientation.** A slice alone is shown as stored (first row at the top); a series is cut in the
-  radiological convention of :mod:`hf_tumor.volumes`. For the usual axial acquisition (rows running to the
+  radiological convention of :mod:`hf_tumor.serving.volumes`. For the usual axial acquisition (rows running to the
   patient's left, columns to posterior) the two are the same image; a slice stored otherwise is not turned.
 - **Colour** (RGB or YBR, e.g. a secondary capture) is read alone as the RGB image it shows; a series
   of colour images is refused, as it is no MR volume.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hf_tumor.errors import UserError
-from hf_tumor.image_io import MAX_PIXELS
+from hf_tumor.serving.image_io import MAX_PIXELS
 
 
 class DicomPixelError(UserError, ValueError):

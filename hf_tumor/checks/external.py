@@ -3,7 +3,7 @@
 The Kaggle test split leaks and comes from the same few sources as the training data, so it cannot
 say how the model behaves on scans it has never seen the like of. Every volume here is of a healthy
 head (or an average of healthy heads), from a different scanner, contrast or processing pipeline than
-the training data, cut into slices the way a viewer would (:mod:`hf_tumor.volumes`). The honest
+the training data, cut into slices the way a viewer would (:mod:`hf_tumor.serving.volumes`). The honest
 expectations: mid-head axial slices should be called ``notumor``, and no healthy slice should get a
 confident tumour label that the model's domain check fails to flag.
 
@@ -27,7 +27,7 @@ from typing import Any
 from PIL import Image
 
 from hf_tumor.contract import ARGS_FILE, HEALTHY_LABEL
-from hf_tumor.volumes import PLANES, Volume, VolumeError, level_band, load_nifti, slices
+from hf_tumor.serving.volumes import PLANES, Volume, VolumeError, level_band, load_nifti, slices
 
 BANDS = ("low", "middle", "high")
 # Evenly spaced slices per plane and volume: ~160 slices in all, a minute or two on 2 CPU cores.

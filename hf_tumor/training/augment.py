@@ -1,7 +1,7 @@
 """Training augmentation: random geometric, photometric and MRI-scanner changes to the cached images.
 
 Training code only (torchvision, TorchIO): serving never imports it. It works on the cached, already
-resized uint8 images; what follows it is the eval transform's second half (``hf_tumor.preprocessing``),
+resized uint8 images; what follows it is the eval transform's second half (``hf_tumor.serving.preprocessing``),
 the same one prediction uses.
 """
 

@@ -6,7 +6,7 @@ one patient's own scans, the lesion's slices labelled as the tumour and the tumo
 the same scans as healthy, differ only where the lesion is: the same scanner, sequence and
 processing on both sides.
 
-The patients are those of the real-patient evaluation (:mod:`hf_tumor.patients`) that ship a mask;
+The patients are those of the real-patient evaluation (:mod:`hf_tumor.checks.patients`) that ship a mask;
 a slice's role (lesion, tumour-free, or the lesion's faint ends, left out) is decided exactly as the
 evaluation decides it, and slices are cut as ``hf-tumor predict`` cuts a scan, so training sees what
 serving sees.
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from hf_tumor.patients import PLANE, PatientDataError, mask_voxels, patient_folder, resolve_data_dir, role_of, select_patients
-from hf_tumor.volumes import load_nifti, slices
+from hf_tumor.checks.patients import PLANE, PatientDataError, mask_voxels, patient_folder, resolve_data_dir, role_of, select_patients
+from hf_tumor.serving.volumes import load_nifti, slices
 
 
 @dataclass

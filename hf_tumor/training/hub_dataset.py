@@ -24,8 +24,8 @@ from datasets.info import DatasetInfosDict
 from datasets.utils.py_utils import convert_file_size_to_int
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from hf_tumor.audit import run_audit, train_groups
-from hf_tumor.data import (
+from hf_tumor.training.audit import run_audit, train_groups
+from hf_tumor.training.data import (
     KAGGLE_DATASET, SPLIT_DIRS, DataError, check_layout, image_files, resolve_data_dir, split_train_validation,
 )
 from hf_tumor.contract import ARGS_FILE, EVAL_RESULTS_FILE, training_split_settings
@@ -80,9 +80,9 @@ def build_dataset_dict(
 ) -> DatasetDict:
     """``train`` / ``validation`` / ``test`` / ``clean_test`` of a data folder, images as their original bytes.
 
-    The rows, their order and the train/validation split are those of ``hf_tumor.data.load_splits``
+    The rows, their order and the train/validation split are those of ``hf_tumor.training.data.load_splits``
     with the audit's groups (what training and evaluation use); ``clean_test`` is the test rows that
-    ``hf_tumor.evaluation`` counts as leak-free. ``audit`` is ``run_audit(data_dir)`` if the caller
+    ``hf_tumor.training.evaluation`` counts as leak-free. ``audit`` is ``run_audit(data_dir)`` if the caller
     has it; ``limit_per_class`` mirrors training's option of the same name.
     """
     root = resolve_data_dir(data_dir).resolve()
@@ -310,7 +310,7 @@ def push_dataset(
     ``model_dir`` supplies the split settings (its train_args.json) and the leak-free figure the card
     quotes; ``model_repo`` is the model the card's snippet evaluates.
     """
-    from hf_tumor.hub import hub_client
+    from hf_tumor.training.hub import hub_client
 
     api = None
     if dry_run is None:  # fail before the slow part, and before anything is uploaded

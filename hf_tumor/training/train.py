@@ -30,9 +30,9 @@ from transformers import EarlyStoppingCallback, EvalPrediction, HfArgumentParser
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hf_tumor.audit import run_audit, train_groups
-from hf_tumor.augment import AugmentConfig
-from hf_tumor.data import (
+from hf_tumor.training.audit import run_audit, train_groups
+from hf_tumor.training.augment import AugmentConfig
+from hf_tumor.training.data import (
     DataError,
     attach_transforms,
     cached_rows,
@@ -43,11 +43,11 @@ from hf_tumor.data import (
     resolve_data_dir,
 )
 from hf_tumor.contract import ARGS_FILE, HEALTHY_LABEL
-from hf_tumor.evaluation import classification_metrics, evaluate_model
-from hf_tumor.model import INIT_CHOICES, create_model, save_model_atomically
-from hf_tumor.plots import plot_training_curves
-from hf_tumor.preprocessing import make_pretrained_cfg
-from hf_tumor.runtime import accelerator_available, bf16_available, hardware_description, setup_logging
+from hf_tumor.training.evaluation import classification_metrics, evaluate_model
+from hf_tumor.serving.model import INIT_CHOICES, create_model, save_model_atomically
+from hf_tumor.training.plots import plot_training_curves
+from hf_tumor.serving.preprocessing import make_pretrained_cfg
+from hf_tumor.training.runtime import accelerator_available, bf16_available, hardware_description, setup_logging
 
 logger = logging.getLogger("hf_tumor")
 
@@ -369,8 +369,8 @@ def add_healthy_slices(train: Dataset, data_args: DataArguments, pretrained_cfg:
     and framing. Slices of whole healthy heads say otherwise. Validation stays Kaggle only, so that
     it measures what it always has.
     """
-    from hf_tumor.external import build_suite
-    from hf_tumor.volumes import PLANES, VolumeError
+    from hf_tumor.checks.external import build_suite
+    from hf_tumor.serving.volumes import PLANES, VolumeError
 
     names = class_names(train)
     if HEALTHY_LABEL not in names:
@@ -393,9 +393,9 @@ def add_healthy_slices(train: Dataset, data_args: DataArguments, pretrained_cfg:
 
 def add_patient_slices(train: Dataset, data_args: DataArguments, pretrained_cfg: dict[str, Any]) -> Dataset:
     """Training plus the masked patients' axial slices: lesion slices as glioma, tumour-free ones as the
-    healthy class (:mod:`hf_tumor.patient_slices`). Validation stays Kaggle only."""
-    from hf_tumor.patient_slices import collect
-    from hf_tumor.patients import PatientDataError
+    healthy class (:mod:`hf_tumor.training.patient_slices`). Validation stays Kaggle only."""
+    from hf_tumor.training.patient_slices import collect
+    from hf_tumor.checks.patients import PatientDataError
 
     names = class_names(train)
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 from hf_tumor.errors import UserError
 from hf_tumor.contract import CONFIG_FILE, ONNX_DIR, ONNX_FILES, passed_backends
 
-WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 PAGE_FILES = ("index.html", "app.js", "preprocess.js")
 RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 PAGE_RESAMPLING = ("bilinear", "bicubic")  # the resamplers preprocess.js ports from Pillow

@@ -7,7 +7,7 @@ config's recipe is a squash resize to a square (``crop_pct`` 1.0, ``crop_mode`` 
 normalize; a config asking for anything else is refused rather than approximated, and
 tests/test_serving.py checks the result against timm's own transform bit for bit. The transform is
 split in two so that the expensive half (decode + resize) runs once into a cache and the cheap half
-(to array + normalize) runs every time an image is used. Training's augmentation: ``hf_tumor.augment``.
+(to array + normalize) runs every time an image is used. Training's augmentation: ``hf_tumor.training.augment``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_tumor.contract import EVAL_RESULTS_FILE
-from hf_tumor.inference import Prediction
+from hf_tumor.serving.inference import Prediction
 
 
 def verdict(prediction: Prediction) -> str:

@@ -3,8 +3,8 @@
 A PACS export is a pile of files whose names say nothing about their order. Slices are ordered by
 their position along the slice normal (ImagePositionPatient projected on the cross product of the
 ImageOrientationPatient cosines), the voxel spacing comes from PixelSpacing and the distance between
-positions, and each slice is decoded by :mod:`hf_tumor.dicom`, as a slice uploaded alone is. The result
-is a nibabel image in RAS, so :func:`hf_tumor.volumes.volume_from_image` makes it canonical exactly
+positions, and each slice is decoded by :mod:`hf_tumor.serving.dicom`, as a slice uploaded alone is. The result
+is a nibabel image in RAS, so :func:`hf_tumor.serving.volumes.volume_from_image` makes it canonical exactly
 as it does a NIfTI file.
 
 Patient data: only geometry and pixel tags are used; no other header value is shown, logged or kept
@@ -27,8 +27,8 @@ from pathlib import Path, PurePosixPath
 import nibabel as nib
 import numpy as np
 
-from hf_tumor.dicom import MULTI_FRAME, DicomPixelError, decode, frame_count
-from hf_tumor.volumes import MAX_SIDE, MAX_VOXELS, ChoiceNeeded, VolumeError
+from hf_tumor.serving.dicom import MULTI_FRAME, DicomPixelError, decode, frame_count
+from hf_tumor.serving.volumes import MAX_SIDE, MAX_VOXELS, ChoiceNeeded, VolumeError
 
 MAX_FILES = 4096  # far above any MR series (a 1 mm whole head is ~200 files)
 MAX_MEMBER_BYTES = 64 * 2**20  # one uncompressed DICOM slice; a 1024 x 1024 16-bit image is 2 MiB
@@ -192,7 +192,7 @@ def _geometry(group: list[_Member]) -> tuple[list[_Member], np.ndarray]:
 
 
 def _pixels(member: _Member) -> np.ndarray:
-    """One slice's values, decoded as a single uploaded slice is (:mod:`hf_tumor.dicom`)."""
+    """One slice's values, decoded as a single uploaded slice is (:mod:`hf_tumor.serving.dicom`)."""
     import pydicom
 
     try:
@@ -216,7 +216,7 @@ def read_series(source: str | os.PathLike | Sequence[str | os.PathLike], series:
 
     Files that are not DICOM, or DICOM without an image, are skipped; several series raise
     :class:`SeriesChoiceError` listing them unless ``series`` (numbered from 1) picks one. Every problem
-    is a :class:`~hf_tumor.volumes.VolumeError` with a message meant for the user.
+    is a :class:`~hf_tumor.serving.volumes.VolumeError` with a message meant for the user.
     """
     label = name or "scan"
     with contextlib.ExitStack() as stack:

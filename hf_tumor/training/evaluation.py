@@ -21,15 +21,15 @@ import torch
 from datasets import Dataset
 from sklearn.metrics import f1_score
 
-from hf_tumor.audit import fingerprints, run_audit, standardize, train_groups
-from hf_tumor.calibration import calibration_report, fit_temperature, fold_temperature
-from hf_tumor.data import attach_transforms, iterate_batches, load_splits, resolve_data_dir
-from hf_tumor.domain import energy_scores, energy_threshold
+from hf_tumor.training.audit import fingerprints, run_audit, standardize, train_groups
+from hf_tumor.training.calibration import calibration_report, fit_temperature, fold_temperature
+from hf_tumor.training.data import attach_transforms, iterate_batches, load_splits, resolve_data_dir
+from hf_tumor.serving.domain import energy_scores, energy_threshold
 from hf_tumor.contract import ARGS_FILE, EVAL_RESULTS_FILE, training_split_settings
-from hf_tumor.inference import softmax, torch_forward, torch_outputs
-from hf_tumor.model import class_names_of, load_model, save_model_atomically
-from hf_tumor.neighbours import NeighbourCheck, fit
-from hf_tumor.plots import plot_confusion_matrix, plot_reliability
+from hf_tumor.serving.inference import softmax, torch_forward, torch_outputs
+from hf_tumor.serving.model import class_names_of, load_model, save_model_atomically
+from hf_tumor.serving.neighbours import NeighbourCheck, fit
+from hf_tumor.training.plots import plot_confusion_matrix, plot_reliability
 
 logger = logging.getLogger("hf_tumor")
 
@@ -107,7 +107,7 @@ def reference_slices(model_dir: Path, train: Dataset, pretrained_cfg: dict[str, 
     added (train_args.json), so that the neighbour check knows every kind of slice the model has seen."""
     from types import SimpleNamespace
 
-    from hf_tumor.training import add_healthy_slices, add_patient_slices  # training imports this module
+    from hf_tumor.training.train import add_healthy_slices, add_patient_slices  # training imports this module
 
     args_file = model_dir / ARGS_FILE
     data_args = json.loads(args_file.read_text()).get("DataArguments", {}) if args_file.is_file() else {}
@@ -124,7 +124,7 @@ def reference_slices(model_dir: Path, train: Dataset, pretrained_cfg: dict[str, 
 
 def fit_neighbour_check(model: torch.nn.Module, model_dir: Path, train: Dataset, validation_features: np.ndarray,
                         pretrained_cfg: dict[str, Any], batch_size: int = 32, max_reference: int = 2000) -> NeighbourCheck:
-    """The neighbour check of ``hf_tumor.neighbours``: up to ``max_reference`` training slices as the
+    """The neighbour check of ``hf_tumor.serving.neighbours``: up to ``max_reference`` training slices as the
     reference, the threshold on validation; saved into the model folder."""
     reference = reference_slices(model_dir, train, pretrained_cfg).shuffle(seed=0)
     reference = reference.select(range(min(max_reference, len(reference))))

@@ -34,11 +34,11 @@ def _is_dicom(head: bytes, path: Path) -> bool:
 
 def _read_dicom(path: Path) -> PIL.Image.Image:
     """A single DICOM slice, decoded and windowed exactly as the same slice inside a series is
-    (the policy: :mod:`hf_tumor.dicom`)."""
+    (the policy: :mod:`hf_tumor.serving.dicom`)."""
     import pydicom
 
-    from hf_tumor.dicom import DicomPixelError, decode
-    from hf_tumor.volumes import display_image
+    from hf_tumor.serving.dicom import DicomPixelError, decode
+    from hf_tumor.serving.volumes import display_image
 
     try:
         ds = pydicom.dcmread(str(path))
@@ -55,7 +55,7 @@ def _read_dicom(path: Path) -> PIL.Image.Image:
 
 def _to_8bit(pixels: np.ndarray) -> PIL.Image.Image:
     """A 16-bit or float PIL image stretched min to max: such a file is a display image saved with more
-    bits, so its look is kept. Raw scanner values come as DICOM, windowed by :mod:`hf_tumor.dicom`."""
+    bits, so its look is kept. Raw scanner values come as DICOM, windowed by :mod:`hf_tumor.serving.dicom`."""
     low, high = float(pixels.min()), float(pixels.max())
     scaled = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
     return PIL.Image.fromarray(scaled.round().astype(np.uint8), "L")
@@ -69,7 +69,7 @@ def read_image(path: str | os.PathLike) -> PIL.Image.Image:
 
     Handles JPEG/PNG/other PIL formats and DICOM; 16-bit, palette, CMYK, RGBA and animated images
     are converted (first frame); EXIF rotation is applied. A DICOM slice is decoded and windowed as the
-    same slice inside a series is (:mod:`hf_tumor.dicom`); a multi-frame DICOM file is refused. Files
+    same slice inside a series is (:mod:`hf_tumor.serving.dicom`); a multi-frame DICOM file is refused. Files
     over MAX_UPLOAD_BYTES and images over MAX_PIXELS are refused before their pixels are decoded, so a
     decompression bomb costs nothing.
     """

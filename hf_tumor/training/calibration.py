@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hf_tumor.inference import softmax
+from hf_tumor.serving.inference import softmax
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> list[tuple[float, float, float]]:

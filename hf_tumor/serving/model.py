@@ -20,7 +20,7 @@ from transformers import AutoModelForImageClassification, TimmWrapperConfig, Tim
 
 from hf_tumor.contract import WEIGHTS_FILE
 from hf_tumor.errors import UserError
-from hf_tumor.preprocessing import make_pretrained_cfg
+from hf_tumor.serving.preprocessing import make_pretrained_cfg
 
 logger = logging.getLogger("hf_tumor")
 

@@ -6,7 +6,7 @@
     onnx/model_quantized.onnx    int8 (static, QDQ, per-channel weights), calibrated on training images
     onnx/parity.json             agreement with the PyTorch model on the whole Testing split
 
-The serving layer (``hf_tumor.inference``) only uses an ONNX file whose parity entry passed, and the
+The serving layer (``hf_tumor.serving.inference``) only uses an ONNX file whose parity entry passed, and the
 check computes every backend's logits through that layer's own forwards.
 """
 
@@ -24,13 +24,13 @@ import torch
 from datasets import Dataset
 
 from hf_tumor.errors import UserError
-from hf_tumor.data import (
+from hf_tumor.training.data import (
     attach_transforms, cache_resized, first_per_class, iterate_batches, load_image_folder, resolve_data_dir,
 )
 from hf_tumor.contract import ONNX_DIR, ONNX_FILES, PARITY_FILE
-from hf_tumor.inference import FEATURES_OUTPUT, onnx_forward, onnx_session, softmax, torch_forward
-from hf_tumor.evaluation import portable_path
-from hf_tumor.model import LogitsOnly, class_names_of, load_model
+from hf_tumor.serving.inference import FEATURES_OUTPUT, onnx_forward, onnx_session, softmax, torch_forward
+from hf_tumor.training.evaluation import portable_path
+from hf_tumor.serving.model import LogitsOnly, class_names_of, load_model
 
 MIN_TOP1_AGREEMENT = 0.995  # share of test images whose top-1 class matches PyTorch's
 MAX_INT8_ACCURACY_DROP = 0.003  # accuracy points (as a fraction) int8 may lose against PyTorch fp32
@@ -105,7 +105,7 @@ def quantize_int8(fp32_path: Path, path: Path, batches: Iterator[np.ndarray], me
 
 def finish_graph(path: Path) -> Path:
     """Add the pooled penultimate features as a second output, ``features`` (N, C), for the domain check's
-    neighbour distance (:mod:`hf_tumor.neighbours`), and drop the exporter's per-node source locations
+    neighbour distance (:mod:`hf_tumor.serving.neighbours`), and drop the exporter's per-node source locations
     (they hold the exporting machine's paths). The logits are untouched: the output reads a tensor the
     classifier already reads."""
     import onnx

@@ -171,7 +171,7 @@ def window(slice2d: np.ndarray) -> Image.Image:
 
     That is a viewer's auto-window: MRI intensities have no absolute scale, so each slice is
     stretched to its own range, with the brightest 1% (vessels, fat, artefacts) saturating. Computed in
-    float64, so that shifting a slice's values by a constant (as a MONOCHROME1 series is, :mod:`hf_tumor.dicom`)
+    float64, so that shifting a slice's values by a constant (as a MONOCHROME1 series is, :mod:`hf_tumor.serving.dicom`)
     leaves its 8-bit image as it is.
     """
     values = np.asarray(slice2d, dtype=np.float64)
@@ -184,7 +184,7 @@ def window(slice2d: np.ndarray) -> Image.Image:
 
 def display_image(slice2d: np.ndarray, row_mm: float = 1.0, col_mm: float = 1.0) -> Image.Image:
     """How every grey slice of raw intensities reaches the model: a slice cut from a volume and a DICOM
-    slice read alone alike (:mod:`hf_tumor.dicom`), so a slice gives the same image either way.
+    slice read alone alike (:mod:`hf_tumor.serving.dicom`), so a slice gives the same image either way.
 
     The slice is windowed to its own 1st-99th percentile (:func:`window`), then its pixels are made square
     by enlarging the coarser axis to the finer spacing (bilinear), so anisotropic pixels do not squash

@@ -1,8 +1,8 @@
 """Real tumour patients, whole scans through the serving path: does the model see the tumour, or say so?
 
-The sibling of :mod:`hf_tumor.external` (healthy heads only): real patients with a brain tumour, each
+The sibling of :mod:`hf_tumor.checks.external` (healthy heads only): real patients with a brain tumour, each
 sequence (T1c, T1, T2, FLAIR) with and without skull where both exist, read exactly as ``hf-tumor
-predict`` reads a volume (:func:`hf_tumor.scan.load_scan`, :func:`hf_tumor.scan.predict_scan`, axial,
+predict`` reads a volume (:func:`hf_tumor.serving.scan.load_scan`, :func:`hf_tumor.serving.scan.predict_scan`, axial,
 with the edge flag and the domain check). Per scan it counts:
 
 - lesion slices labelled the expected tumour class, another tumour class, flagged (no label), or
@@ -38,9 +38,9 @@ import numpy as np
 
 from hf_tumor.errors import UserError
 from hf_tumor.contract import ARGS_FILE, HEALTHY_LABEL, PATIENTS_FILE
-from hf_tumor.inference import Predictor, load_predictor
-from hf_tumor.scan import ScanResult, index_ranges, load_scan, predict_scan
-from hf_tumor.volumes import PLANE_AXIS, load_nifti
+from hf_tumor.serving.inference import Predictor, load_predictor
+from hf_tumor.serving.scan import ScanResult, index_ranges, load_scan, predict_scan
+from hf_tumor.serving.volumes import PLANE_AXIS, load_nifti
 
 logger = logging.getLogger("hf_tumor")
 
@@ -160,7 +160,7 @@ PATIENT_IDS = tuple(p.id for p in PATIENTS)
 def default_data_dir() -> Path:
     """``$HF_TUMOR_PATIENTS``, else ``shared/data`` beside the repository (where the project keeps them)."""
     env = os.environ.get(PATIENTS_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -439,7 +439,7 @@ def run_patients(model: str | os.PathLike | None = None, backend: str = "auto",
                                + ". Choose the patients that are present (--patients), or restore the files "
                                "(their SOURCE.md says where from).")
     if predictor is None:
-        from hf_tumor.inference import default_model
+        from hf_tumor.serving.inference import default_model
 
         predictor = load_predictor(model if model is not None else default_model(), backend)
     trained = trained_patients(predictor.model_dir)
