@@ -234,8 +234,8 @@ def _shortcuts(argv: Sequence[str]) -> int:
     parser.add_argument("--only", nargs="+", choices=[s.name for s in SHORTCUTS], help="Only these transforms.")
     parser.add_argument("--output", help="Write the JSON report here.")
     args = parser.parse_args(argv)
-    from hf_tumor.serving.inference import default_model, load_predictor
     from hf_tumor.checks.shortcuts import format_table, labelled_paths, run_audit_shortcuts, select_shortcuts
+    from hf_tumor.serving.inference import default_model, load_predictor
 
     paths = labelled_paths(args.data_dir, args.per_class)
     predictor = load_predictor(args.model or default_model(), args.backend)
@@ -363,13 +363,6 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
-def _train_bare(argv: Sequence[str]) -> int:
-    from hf_tumor.bare_loop import train_bare
-
-    train_bare(argv)
-    return 0
-
-
 # Which extra brings a package that a command may need (pyproject.toml).
 EXTRAS = {"datasets": "train", "accelerate": "train", "evaluate": "train", "sklearn": "train", "matplotlib": "train",
           "yaml": "train", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "nibabel": "external",
@@ -377,7 +370,6 @@ EXTRAS = {"datasets": "train", "accelerate": "train", "evaluate": "train", "skle
 
 COMMANDS = {
     "train": (_train, "train a model folder (same flags as scripts/train.py; --help lists them)"),
-    "train-bare": (_train_bare, "the same with a bare PyTorch loop instead of the Trainer (a control experiment)"),
     "evaluate": (_evaluate, "evaluate on official and leak-free test, calibrate on validation"),
     "audit": (_audit, "find duplicates and train/test leakage in a data folder"),
     "export": (_export, "export a model folder to ONNX (optionally int8) and check parity"),

@@ -9,9 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from hf_tumor.benchmark import scan_benchmark, write_report
-from hf_tumor.errors import UserError
+from benchlib import scan_benchmark, write_report
 from hf_tumor.checks.external import SOURCES
+from hf_tumor.errors import UserError
 from hf_tumor.serving.inference import default_model
 from hf_tumor.serving.volumes import PLANES
 

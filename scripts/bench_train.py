@@ -10,7 +10,7 @@ and about 17x slower than fp32 on an AVX2 CPU), unless --force_bf16.
 import argparse
 import json
 
-from hf_tumor.benchmark import machine, train_benchmark, write_report
+from benchlib import machine, train_benchmark, write_report
 from hf_tumor.training.runtime import bf16_available
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HF_TUMOR_TEST_DATA", REPO.parent / "shared" / "data" / "brain-tumor-mri"))
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 BUNDLED_MODEL = REPO / "models" / "resnetv2_50-scratch-128"
+# scripts/ is not installed: the tests import the benchmark library (benchlib, and its browser harness)
+# and the bare training loop (train_bare) from there, as the scripts beside them do
+sys.path.insert(0, str(REPO / "scripts"))
 TEST_IMAGE_SIZE = 64
 # Set by `make test` (and so CI): a test that would skip for want of a program, a package or data (chromium,
 # npm, the ITK example volume, an optional Python package) fails instead, so that nothing is left out unseen.

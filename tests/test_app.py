@@ -362,7 +362,7 @@ def test_browser_whole_scan(served_app, mni_path):
 
 def test_domain_check_on_offline_images():
     """The bundled model's check: real slices pass, photos, documents, noise and blanks are caught."""
-    from hf_tumor.benchmark import ood_report
+    from benchlib import ood_report
 
     report = ood_report(load_predictor(BUNDLED_MODEL), [str(p) for c in CLASSES for p in real_images("Testing", c, 3)])
     # 15 of the 16 caught, as by the bundled model; the one it may miss is what image statistics cannot

@@ -114,7 +114,7 @@ def test_the_parity_table_is_the_bundled_record():
 
 
 def test_benchmark_files_are_named_by_machine_kind():
-    from hf_tumor.benchmark import output_path
+    from benchlib import output_path
 
     path = output_path("inference", "128px")
     assert path.parent == REPO / "benchmarks" and path.name == f"inference_128px_{machine_kind()}.json"

@@ -12,8 +12,8 @@ import torch
 from transformers import pipeline
 
 from conftest import CLASSES, SHARED_DATA
-from hf_tumor.training.audit import DEFAULT_THRESHOLD, correlated_pairs, fingerprints, standardize
 from hf_tumor.serving.inference import BUNDLED_MODEL
+from hf_tumor.training.audit import DEFAULT_THRESHOLD, correlated_pairs, fingerprints, standardize
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model yet")
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_tumor.serving.model import create_model
 from hf_tumor.training.calibration import (
     calibration_report,
     expected_calibration_error,
@@ -15,7 +16,6 @@ from hf_tumor.training.calibration import (
     softmax,
 )
 from hf_tumor.training.evaluation import bootstrap_ci
-from hf_tumor.serving.model import create_model
 
 
 def test_ece_known_values():

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import CLASSES, TEST_IMAGE_SIZE, make_subset, real_images
+from hf_tumor.serving.preprocessing import make_pretrained_cfg
 from hf_tumor.training import data
 from hf_tumor.training.data import DataError, check_layout, load_splits, resolve_data_dir, split_train_validation
-from hf_tumor.serving.preprocessing import make_pretrained_cfg
 
 CFG = make_pretrained_cfg("resnetv2_50", TEST_IMAGE_SIZE)
 

@@ -82,9 +82,9 @@ def test_unexported_model_refuses_onnx_backends_with_the_fix(trained_model):
 
 
 def test_calibration_method_is_recorded_and_changes_the_int8_ranges(exported, tiny_data: Path, tmp_path: Path):
+    from hf_tumor.serving.model import load_model
     from hf_tumor.training.data import load_image_folder
     from hf_tumor.training.export import ExportError, calibration_batches, quantize_int8
-    from hf_tumor.serving.model import load_model
 
     model_dir, report = exported
     assert (report["onnx-int8"]["calibration_method"], report["onnx-int8"]["calibration_images"]) == ("minmax", 16)

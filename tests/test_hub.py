@@ -238,9 +238,9 @@ def test_the_staged_space_runs_as_the_hub_runs_it(tmp_path):
     from gradio_client import Client, handle_file
     from huggingface_hub import SpaceCard
 
+    from hf_tumor.serving.inference import load_predictor
     from hf_tumor.training.audit import run_audit
     from hf_tumor.training.hub import serving_modules
-    from hf_tumor.serving.inference import load_predictor
 
     push(BUNDLED_MODEL, REPO_ID, space_id="someone/hf-tumor", dry_run=tmp_path / "out", data_dir=SHARED_DATA)
     space, model = tmp_path / "out" / "space", tmp_path / "out" / "model"

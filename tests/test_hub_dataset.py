@@ -12,13 +12,13 @@ from datasets import Image, load_dataset
 from huggingface_hub import DatasetCard
 
 from conftest import BUNDLED_MODEL, CLASSES, TEST_IMAGE_SIZE, make_subset
+from hf_tumor.contract import training_split_settings
+from hf_tumor.errors import UserError
+from hf_tumor.serving.preprocessing import make_pretrained_cfg
 from hf_tumor.training.audit import run_audit, train_groups
 from hf_tumor.training.data import DataError, load_splits
-from hf_tumor.errors import UserError
-from hf_tumor.contract import training_split_settings
 from hf_tumor.training.hub import PushError
 from hf_tumor.training.hub_dataset import DATASET_CARD_TEMPLATE, SPLITS, build_dataset_dict, push_dataset
-from hf_tumor.serving.preprocessing import make_pretrained_cfg
 
 REPO_ID = "someone/brain-tumor-mri-audited"
 CFG = make_pretrained_cfg("resnetv2_50", TEST_IMAGE_SIZE)

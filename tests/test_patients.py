@@ -12,9 +12,6 @@ nib = pytest.importorskip("nibabel")
 pytest.importorskip("onnxruntime")
 
 from conftest import BUNDLED_MODEL
-from hf_tumor.errors import UserError
-from hf_tumor.contract import ARGS_FILE
-from hf_tumor.serving.inference import load_predictor
 from hf_tumor.checks.patients import (
     LESION_VOXELS,
     PATIENTS_ENV,
@@ -25,6 +22,9 @@ from hf_tumor.checks.patients import (
     trained_patients,
     write_report,
 )
+from hf_tumor.contract import ARGS_FILE
+from hf_tumor.errors import UserError
+from hf_tumor.serving.inference import load_predictor
 from hf_tumor.serving.scan import load_scan, predict_scan
 from hf_tumor.serving.volumes import slices
 

@@ -18,9 +18,9 @@ import pytest
 
 from conftest import REPO, real_images
 from hf_tumor.serving.dicom_series import MAX_RATIO, SeriesChoiceError
+from hf_tumor.serving.image_io import InputError, read_image
 from hf_tumor.serving.inference import BUNDLED_MODEL, load_predictor
 from hf_tumor.serving.scan import edge_flag, format_summary, index_ranges, is_scan, load_scan, predict_scan
-from hf_tumor.serving.image_io import InputError, read_image
 from hf_tumor.serving.volumes import VolumeError, head_extent, load_nifti, slices, window
 
 PATIENT = "Doe^Jane"  # written into every DICOM header; must never come out

@@ -15,8 +15,8 @@ import PIL.Image
 import pytest
 
 from conftest import BUNDLED_MODEL, REPO, real_images
-from hf_tumor.serving.image_io import read_image
 from hf_tumor.contract import ModelConfigError, read_config
+from hf_tumor.serving.image_io import read_image
 from hf_tumor.serving.inference import load_predictor
 from hf_tumor.serving.preprocessing import PreprocessingError, create_eval_transform
 

@@ -21,12 +21,12 @@ import yaml
 from transformers import AutoModelForImageClassification, pipeline
 
 from conftest import BUNDLED_MODEL, CLASSES, REPO, TEST_IMAGE_SIZE, train_args
-from hf_tumor.training.data import attach_transforms, cache_resized, load_image_folder
 from hf_tumor.contract import training_split_settings
-from hf_tumor.training.evaluation import predict_logits
-from hf_tumor.training.hub import card_inputs
 from hf_tumor.serving.inference import load_predictor
 from hf_tumor.serving.model import load_model
+from hf_tumor.training.data import attach_transforms, cache_resized, load_image_folder
+from hf_tumor.training.evaluation import predict_logits
+from hf_tumor.training.hub import card_inputs
 from hf_tumor.training.train import parse_args, prepare_data, save_resolved_args
 
 GPU_CONFIG = REPO / "configs" / "gpu-256.yaml"
@@ -368,13 +368,13 @@ def test_two_process_data_parallel_on_cpu(tiny_data: Path, tmp_path: Path, tiny_
 
 @pytest.mark.slow
 def test_bare_loop_control_experiment(tiny_data: Path, tmp_path: Path):
-    from hf_tumor.cli import main as cli
+    from train_bare import main as train_bare
 
     out = tmp_path / "bare"
     # flags the loop ignores, set against what it does: train_args.json must record what it did
     ignored = ["--max_grad_norm", "1.0", "--load_best_model_at_end", "true", "--decay_norm_and_bias", "false",
                "--early_stopping_patience", "3", "--precise_bn_images", "64"]
-    assert cli(["train-bare", *train_args(tiny_data, out, "--num_train_epochs", "4", *ignored)]) == 0
+    assert train_bare(train_args(tiny_data, out, "--num_train_epochs", "4", *ignored)) == 0
     history = json.loads((out / "train_results.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     # it learns: measured 1.51-1.79 in the first epoch and 1.17-1.29 in the fourth over seeds 42, 1 and 2
@@ -384,7 +384,7 @@ def test_bare_loop_control_experiment(tiny_data: Path, tmp_path: Path):
     # the folder holds the last epoch's weights: evaluation sees what the loop's last validation saw
     assert results["splits"]["validation"]["accuracy"] == pytest.approx(history[-1]["validation_accuracy"])
     resolved = json.loads((out / "train_args.json").read_text())
-    assert resolved["command"].startswith("hf-tumor train-bare ")
+    assert resolved["command"].startswith("python scripts/train_bare.py ")
     # what the loop did, not the flags it ignored
     assert resolved["TrainingArguments"]["max_grad_norm"] == 0
     assert resolved["ModelArguments"]["decay_norm_and_bias"] is True and resolved["ModelArguments"]["precise_bn_images"] == 0
@@ -398,7 +398,7 @@ def test_bare_loop_control_experiment(tiny_data: Path, tmp_path: Path):
     # no checkpoints to resume from, so a second run into the same folder refuses instead of overwriting
     weights = (out / "model.safetensors").read_bytes()
     with pytest.raises(SystemExit, match="already holds a model"):
-        cli(["train-bare", *train_args(tiny_data, out)])
+        train_bare(train_args(tiny_data, out))
     assert (out / "model.safetensors").read_bytes() == weights
 
 
@@ -436,8 +436,8 @@ def test_healthy_volume_slices_join_training_and_leave_the_external_report(tiny_
 def test_bare_train_needs_pypi_packages_only(tiny_data: Path, tmp_path: Path, monkeypatch, capsys):
     """`hf-tumor train --init scratch --max_steps 1` with every other default (128 px, batch 32, the default
     healthy slices) trains and evaluates with the Debian ITK data absent; asking for it then says what to install."""
-    from hf_tumor.cli import main as cli
     from hf_tumor.checks.external import available_sources
+    from hf_tumor.cli import main as cli
 
     monkeypatch.setattr("hf_tumor.checks.external.ITK_DATA", tmp_path / "no-insighttoolkit5-examples")
     assert "itk_t1" not in available_sources() and "mni152" in available_sources()

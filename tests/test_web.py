@@ -15,9 +15,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from benchlib import classify_in_browser
 from conftest import CLASSES, real_images
 from hf_tumor.serving.inference import BUNDLED_MODEL, load_predictor
-from hf_tumor.training.web import WEB_DIR, build_web, classify_in_browser, serve
+from hf_tumor.training.web import WEB_DIR, build_web, serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 PER_CLASS = 52  # 208 slices

@@ -36,8 +36,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from hf_tumor.errors import UserError
 from hf_tumor.contract import ARGS_FILE, HEALTHY_LABEL, PATIENTS_FILE
+from hf_tumor.errors import UserError
 from hf_tumor.serving.inference import Predictor, load_predictor
 from hf_tumor.serving.scan import ScanResult, index_ranges, load_scan, predict_scan
 from hf_tumor.serving.volumes import PLANE_AXIS, load_nifti

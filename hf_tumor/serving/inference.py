@@ -23,8 +23,8 @@ import numpy as np
 import PIL.Image
 
 from hf_tumor.contract import ONNX_DIR, ONNX_FILES, PARITY_FILE, ModelConfig, passed_backends, read_config, read_parity
-from hf_tumor.serving.domain import DomainCheck
 from hf_tumor.errors import UserError
+from hf_tumor.serving.domain import DomainCheck
 from hf_tumor.serving.image_io import InputError, read_image
 from hf_tumor.serving.neighbours import NeighbourCheck
 from hf_tumor.serving.preprocessing import create_eval_transform

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_tumor.serving.dicom_series import read_series
 from hf_tumor.contract import HEALTHY_LABEL
+from hf_tumor.serving.dicom_series import read_series
 from hf_tumor.serving.inference import Prediction, Predictor
 from hf_tumor.serving.volumes import PLANES, Slice, Volume, VolumeError, level_band, load_nifti, slices, volume_from_image
 

@@ -26,8 +26,8 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from hf_tumor.training.data import SPLIT_DIRS, DataError, cache_dir, check_layout, image_files
 from hf_tumor.serving.preprocessing import load_image
+from hf_tumor.training.data import SPLIT_DIRS, DataError, cache_dir, check_layout, image_files
 
 logger = logging.getLogger("hf_tumor")
 

@@ -19,10 +19,10 @@ import PIL.Image
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
 
-from hf_tumor.training.augment import AugmentConfig, augment_array, create_train_augment
-from hf_tumor.errors import UserError
 from hf_tumor.contract import image_size_of
+from hf_tumor.errors import UserError
 from hf_tumor.serving.preprocessing import create_eval_transform, load_image
+from hf_tumor.training.augment import AugmentConfig, augment_array, create_train_augment
 
 logger = logging.getLogger("hf_tumor")
 

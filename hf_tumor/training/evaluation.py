@@ -21,14 +21,14 @@ import torch
 from datasets import Dataset
 from sklearn.metrics import f1_score
 
-from hf_tumor.training.audit import fingerprints, run_audit, standardize, train_groups
-from hf_tumor.training.calibration import calibration_report, fit_temperature, fold_temperature
-from hf_tumor.training.data import attach_transforms, iterate_batches, load_splits, resolve_data_dir
-from hf_tumor.serving.domain import energy_scores, energy_threshold
 from hf_tumor.contract import ARGS_FILE, EVAL_RESULTS_FILE, training_split_settings
+from hf_tumor.serving.domain import energy_scores, energy_threshold
 from hf_tumor.serving.inference import softmax, torch_forward, torch_outputs
 from hf_tumor.serving.model import class_names_of, load_model, save_model_atomically
 from hf_tumor.serving.neighbours import NeighbourCheck, fit
+from hf_tumor.training.audit import fingerprints, run_audit, standardize, train_groups
+from hf_tumor.training.calibration import calibration_report, fit_temperature, fold_temperature
+from hf_tumor.training.data import attach_transforms, iterate_batches, load_splits, resolve_data_dir
 from hf_tumor.training.plots import plot_confusion_matrix, plot_reliability
 
 logger = logging.getLogger("hf_tumor")

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from hf_tumor.contract import ONNX_DIR, ONNX_FILES, PARITY_FILE
 from hf_tumor.errors import UserError
+from hf_tumor.serving.inference import FEATURES_OUTPUT, onnx_forward, onnx_session, softmax, torch_forward
+from hf_tumor.serving.model import LogitsOnly, class_names_of, load_model
 from hf_tumor.training.data import (
     attach_transforms, cache_resized, first_per_class, iterate_batches, load_image_folder, resolve_data_dir,
 )
-from hf_tumor.contract import ONNX_DIR, ONNX_FILES, PARITY_FILE
-from hf_tumor.serving.inference import FEATURES_OUTPUT, onnx_forward, onnx_session, softmax, torch_forward
 from hf_tumor.training.evaluation import portable_path
-from hf_tumor.serving.model import LogitsOnly, class_names_of, load_model
 
 MIN_TOP1_AGREEMENT = 0.995  # share of test images whose top-1 class matches PyTorch's
 MAX_INT8_ACCURACY_DROP = 0.003  # accuracy points (as a fraction) int8 may lose against PyTorch fp32

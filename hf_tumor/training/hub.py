@@ -18,10 +18,10 @@ import timm
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors.torch import load_file, save_file
 
-from hf_tumor.errors import UserError
 from hf_tumor.contract import (
     ARGS_FILE, CONFIG_FILE, EVAL_RESULTS_FILE, EXTERNAL_FILE, ONNX_DIR, ONNX_FILES, PARITY_FILE, PATIENTS_FILE, WEIGHTS_FILE,
 )
+from hf_tumor.errors import UserError
 
 logger = logging.getLogger("hf_tumor")
 

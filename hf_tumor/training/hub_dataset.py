@@ -24,12 +24,12 @@ from datasets.info import DatasetInfosDict
 from datasets.utils.py_utils import convert_file_size_to_int
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from hf_tumor.contract import ARGS_FILE, EVAL_RESULTS_FILE, training_split_settings
+from hf_tumor.errors import UserError
 from hf_tumor.training.audit import run_audit, train_groups
 from hf_tumor.training.data import (
     KAGGLE_DATASET, SPLIT_DIRS, DataError, check_layout, image_files, resolve_data_dir, split_train_validation,
 )
-from hf_tumor.contract import ARGS_FILE, EVAL_RESULTS_FILE, training_split_settings
-from hf_tumor.errors import UserError
 
 logger = logging.getLogger("hf_tumor")
 

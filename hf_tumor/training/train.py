@@ -30,6 +30,9 @@ from transformers import EarlyStoppingCallback, EvalPrediction, HfArgumentParser
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hf_tumor.contract import ARGS_FILE, HEALTHY_LABEL
+from hf_tumor.serving.model import INIT_CHOICES, create_model, save_model_atomically
+from hf_tumor.serving.preprocessing import make_pretrained_cfg
 from hf_tumor.training.audit import run_audit, train_groups
 from hf_tumor.training.augment import AugmentConfig
 from hf_tumor.training.data import (
@@ -42,11 +45,8 @@ from hf_tumor.training.data import (
     load_splits,
     resolve_data_dir,
 )
-from hf_tumor.contract import ARGS_FILE, HEALTHY_LABEL
 from hf_tumor.training.evaluation import classification_metrics, evaluate_model
-from hf_tumor.serving.model import INIT_CHOICES, create_model, save_model_atomically
 from hf_tumor.training.plots import plot_training_curves
-from hf_tumor.serving.preprocessing import make_pretrained_cfg
 from hf_tumor.training.runtime import accelerator_available, bf16_available, hardware_description, setup_logging
 
 logger = logging.getLogger("hf_tumor")
@@ -394,8 +394,8 @@ def add_healthy_slices(train: Dataset, data_args: DataArguments, pretrained_cfg:
 def add_patient_slices(train: Dataset, data_args: DataArguments, pretrained_cfg: dict[str, Any]) -> Dataset:
     """Training plus the masked patients' axial slices: lesion slices as glioma, tumour-free ones as the
     healthy class (:mod:`hf_tumor.training.patient_slices`). Validation stays Kaggle only."""
-    from hf_tumor.training.patient_slices import collect
     from hf_tumor.checks.patients import PatientDataError
+    from hf_tumor.training.patient_slices import collect
 
     names = class_names(train)
     try:

@@ -19,8 +19,8 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from hf_tumor.errors import UserError
 from hf_tumor.contract import CONFIG_FILE, ONNX_DIR, ONNX_FILES, passed_backends
+from hf_tumor.errors import UserError
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 PAGE_FILES = ("index.html", "app.js", "preprocess.js")
@@ -98,28 +98,3 @@ def serve(directory: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1
     server = ThreadingHTTPServer((host, port), functools.partial(_Handler, directory=str(directory)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
-
-
-def classify_in_browser(url: str, files: list[Path], chromium: str = "/usr/bin/chromium",
-                        timeout_s: float = 600) -> dict:
-    """Open the served page in headless Chromium (Playwright), drop ``files`` on it as a user would, and
-    return what it answered (``results``), its timings, whether it was cross-origin isolated, and every
-    URL it requested."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page()
-            requested: list[str] = []
-            page.on("request", lambda request: requested.append(request.url))
-            page.goto(url, wait_until="load")
-            page.wait_for_function("window.hfTumor && window.hfTumor.ready", timeout=timeout_s * 1000)
-            page.locator("#files").set_input_files([str(f) for f in files])
-            page.wait_for_function(f"window.hfTumor.results.length >= {len(files)}", timeout=timeout_s * 1000)
-            state = page.evaluate("({results: window.hfTumor.results, timings: window.hfTumor.timings, "
-                                  "threads: window.hfTumor.threads, isolated: self.crossOriginIsolated, "
-                                  "table_rows: document.querySelectorAll('#results tbody tr').length})")
-        finally:
-            browser.close()
-    return state | {"requested": requested}

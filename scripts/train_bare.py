@@ -1,6 +1,8 @@
 """A bare PyTorch training loop: the control experiment for the Trainer path.
 
-``hf-tumor train-bare`` takes the same arguments as ``hf-tumor train`` and shares its data, split,
+    python scripts/train_bare.py [ARGS.yaml] [--flag value ...]
+
+It takes the same arguments as ``hf-tumor train`` and shares its data, split,
 augmentation, model, learning-rate schedule, model folder and evaluation; only the loop differs, and
 it differs the way a hand-written loop does: ``torch.optim.AdamW(model.parameters())`` (every bias
 and norm decayed), no gradient clipping, BatchNorm running averages as training leaves them, the last
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,9 +30,10 @@ import transformers
 from torch.utils.data import DataLoader
 
 from hf_tumor.contract import CONFIG_FILE
+from hf_tumor.errors import UserError
+from hf_tumor.serving.model import create_model, save_model_atomically
 from hf_tumor.training.data import attach_transforms, collate
 from hf_tumor.training.evaluation import classification_metrics, evaluate_model, predict_logits
-from hf_tumor.serving.model import create_model, save_model_atomically
 from hf_tumor.training.runtime import setup_logging
 from hf_tumor.training.train import parse_args, prepare_data, save_resolved_args
 
@@ -96,8 +100,22 @@ def train_bare(argv: Sequence[str]) -> Path:
     save_model_atomically(model.cpu(), output_dir)
     results = {"epoch": epochs, "train_wall_seconds": round(wall, 1), "loop": "bare", "history": history}
     (output_dir / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    save_resolved_args(output_dir, argv, data_args, model_args, augment, training_args, program="hf-tumor train-bare")
+    save_resolved_args(output_dir, argv, data_args, model_args, augment, training_args, program="python scripts/train_bare.py")
     logger.info("model folder written to %s", output_dir)
     if data_args.evaluate_test:
         evaluate_model(output_dir, data.data_dir, audit=data.audit)
     return output_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        train_bare(argv)
+    except (UserError, OSError) as err:  # as `hf-tumor train` reports them: the message, no traceback
+        print(f"train_bare.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

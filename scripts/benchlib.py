@@ -1,4 +1,5 @@
-"""Benchmarks behind ``scripts/bench_*.py``: medians of repeated timings, with the machine they ran on.
+"""Benchmarks behind ``scripts/bench_*.py``, which sit beside this file and import it: medians of repeated
+timings, with the machine they ran on.
 
 These measure; they do not assert. The tests only check that they run on a tiny setting. Each script
 writes to ``benchmarks/{measure}_{detail}_{machine}.json`` (``output_path``), so figures from one kind of
@@ -25,8 +26,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from hf_tumor.serving.image_io import InputError, read_image
 from hf_tumor.contract import passed_backends
+from hf_tumor.serving.image_io import InputError, read_image
 from hf_tumor.serving.inference import Predictor, load_predictor
 from hf_tumor.serving.preprocessing import gray_if_neutral
 from hf_tumor.training.runtime import cpu_features, cpu_name, hardware_description, machine_kind
@@ -418,7 +419,7 @@ def scan_benchmark(model: str, volume: Path, plane: str = "axial", runs: int = 3
 def web_benchmark(model: str, images: list[Path]) -> dict[str, Any]:
     """The in-browser page in headless Chromium: its download size, the model's load, the first slice
     (load included) and the steady per-slice latency, on ``images`` dropped on the page at once."""
-    from hf_tumor.training.web import build_web, classify_in_browser, serve
+    from hf_tumor.training.web import build_web, serve
 
     with tempfile.TemporaryDirectory(prefix="hf-tumor-web-") as tmp:
         files = build_web(tmp, Path(model))
@@ -436,6 +437,31 @@ def web_benchmark(model: str, images: list[Path]) -> dict[str, Any]:
             "first_slice_ms": round(slices[0]), "steady_ms_median": round(statistics.median(slices[1:]), 1),
             "steady_ms_p95": round(float(np.percentile(slices[1:], 95)), 1), "errors": sum("error" in r for r in state["results"]),
             "machine": machine()}
+
+
+def classify_in_browser(url: str, files: list[Path], chromium: str = "/usr/bin/chromium",
+                        timeout_s: float = 600) -> dict:
+    """Open the served page in headless Chromium (Playwright), drop ``files`` on it as a user would, and
+    return what it answered (``results``), its timings, whether it was cross-origin isolated, and every
+    URL it requested."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(url, wait_until="load")
+            page.wait_for_function("window.hfTumor && window.hfTumor.ready", timeout=timeout_s * 1000)
+            page.locator("#files").set_input_files([str(f) for f in files])
+            page.wait_for_function(f"window.hfTumor.results.length >= {len(files)}", timeout=timeout_s * 1000)
+            state = page.evaluate("({results: window.hfTumor.results, timings: window.hfTumor.timings, "
+                                  "threads: window.hfTumor.threads, isolated: self.crossOriginIsolated, "
+                                  "table_rows: document.querySelectorAll('#results tbody tr').length})")
+        finally:
+            browser.close()
+    return state | {"requested": requested}
 
 
 class _PeakRSS:
@@ -464,9 +490,9 @@ class _PeakRSS:
 
 def _train_view(data_dir: Path, image_size: int, model_name: str):
     """The training split's view exactly as training builds it (cached resize, augmentation, to tensor)."""
-    from hf_tumor.training.data import attach_transforms, cache_resized, load_image_folder
-    from hf_tumor.training.augment import AugmentConfig
     from hf_tumor.serving.preprocessing import make_pretrained_cfg
+    from hf_tumor.training.augment import AugmentConfig
+    from hf_tumor.training.data import attach_transforms, cache_resized, load_image_folder
 
     cfg = make_pretrained_cfg(model_name, image_size)
     return attach_transforms(cache_resized(load_image_folder(data_dir)["train"], cfg, "train"), cfg, AugmentConfig())
@@ -474,14 +500,14 @@ def _train_view(data_dir: Path, image_size: int, model_name: str):
 
 def train_benchmark(data_dir: str | os.PathLike, image_size: int, precision: str, batch_size: int = 32,
                     steps: int = 5, warmup: int = 2, model_name: str = "resnetv2_50") -> dict[str, Any]:
-    """Images/s and peak memory of (a) the data loader alone, (b) the bare loop's step (`train-bare`) and (c)
+    """Images/s and peak memory of (a) the data loader alone, (b) the bare loop's step (`scripts/train_bare.py`) and (c)
     the Trainer on the same model, size, batch and precision, in this one process."""
     from torch.utils.data import DataLoader
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from hf_tumor.bare_loop import train_step
-    from hf_tumor.training.data import collate, resolve_data_dir
+    from train_bare import train_step  # scripts/train_bare.py, beside this file
     from hf_tumor.serving.model import create_model
+    from hf_tumor.training.data import collate, resolve_data_dir
     from hf_tumor.training.train import TRAINING_DEFAULTS
 
     view = _train_view(resolve_data_dir(data_dir), image_size, model_name)
