@@ -5,7 +5,6 @@ Nothing here touches the network until ``push`` is called without ``dry_run``.
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
@@ -25,7 +24,9 @@ from hf_tumor.errors import UserError
 
 logger = logging.getLogger("hf_tumor")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # hf_tumor/
+REPO_ROOT = PACKAGE_DIR.parent
+SPACE_PACKAGE = ("__init__.py", "errors.py", "contract.py", "serving")  # what a Space needs of hf_tumor/
 # a Jinja template for huggingface_hub.ModelCard, shipped inside the package (package-data)
 CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 SPACE_DIR = REPO_ROOT / "space"
@@ -269,30 +270,15 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def serving_modules(entry: Path = SPACE_DIR / "app.py") -> list[str]:
-    """The ``hf_tumor`` files ``entry`` imports, directly or through each other, read from the source.
-
-    A Space needs these and nothing else: the training stack stays out of it. Parsing (not importing)
-    also finds the imports made inside functions.
-    """
-    package = REPO_ROOT / "hf_tumor"
-    found, todo = {"__init__.py"}, [entry]
-    while todo:
-        for node in ast.walk(ast.parse(todo.pop().read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            else:
-                continue
-            for name in names:
-                parts = name.split(".")
-                if parts[0] == "hf_tumor" and len(parts) == 2 and (package / f"{parts[1]}.py").is_file():
-                    file = f"{parts[1]}.py"
-                    if file not in found:
-                        found.add(file)
-                        todo.append(package / file)
-    return sorted(found)
+def serving_modules() -> list[str]:
+    """The ``hf_tumor`` files a Space holds, relative to the package: its ``__init__.py``, ``errors.py``,
+    ``contract.py`` and the whole ``serving/`` folder. The serving path imports nothing else (a test
+    parses it to keep it so), so the training stack stays out of the Space."""
+    files = []
+    for name in SPACE_PACKAGE:
+        path = PACKAGE_DIR / name
+        files += [str(p.relative_to(PACKAGE_DIR)) for p in path.rglob("*.py")] if path.is_dir() else [name]
+    return sorted(files)
 
 
 def space_examples(data_dir: str | os.PathLike) -> dict[str, Path]:
@@ -327,12 +313,12 @@ def _patients_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_space(dest: Path, repo_id: str, examples: dict[str, Path] | None = None) -> Path:
-    """The Space repo's files: ``space/``, the ``hf_tumor`` modules serving needs (``serving_modules``)
+    """The Space repo's files: ``space/``, the ``hf_tumor`` files of the serving path (``serving_modules``)
     and the examples (``examples/<name>.jpg``), pointed at ``repo_id``."""
     shutil.copytree(SPACE_DIR, dest, ignore=shutil.ignore_patterns("__pycache__", ".*", "examples"), dirs_exist_ok=True)
-    (dest / "hf_tumor").mkdir(exist_ok=True)
     for name in serving_modules():
-        shutil.copy2(REPO_ROOT / "hf_tumor" / name, dest / "hf_tumor" / name)
+        (dest / "hf_tumor" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PACKAGE_DIR / name, dest / "hf_tumor" / name)
     if examples:
         (dest / "examples").mkdir(exist_ok=True)
     for name, path in (examples or {}).items():
