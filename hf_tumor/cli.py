@@ -11,14 +11,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from hf_tumor.contract import EVAL_RESULTS_FILE, ONNX_DIR, PARITY_FILE, PATIENTS_FILE
 from hf_tumor.errors import UserError
-from hf_tumor.inference import BACKENDS
-from hf_tumor.volumes import PLANES
+from hf_tumor.serving.inference import BACKENDS
+from hf_tumor.serving.volumes import PLANES
 
 
 def _evaluate(argv: Sequence[str]) -> int:
-    from hf_tumor.evaluation import EVAL_RESULTS_KEYS, evaluate_model
-    from hf_tumor.runtime import setup_logging
+    from hf_tumor.training.evaluation import EVAL_RESULTS_KEYS, evaluate_model
+    from hf_tumor.training.runtime import setup_logging
 
     parser = argparse.ArgumentParser(
         prog="hf-tumor evaluate",
@@ -38,7 +39,7 @@ def _evaluate(argv: Sequence[str]) -> int:
                   f"{split['accuracy_ci95'][1]:.4f}]  macro-F1 {split['f1_macro']:.4f}  "
                   f"ECE {split['calibration']['ece_after']:.4f}  nearest-neighbour floor "
                   f"{split['nn_baseline']['accuracy']:.4f}  ({split['num_images']} images)")
-    print(f"wrote {Path(args.model) / 'eval_results.json'}")
+    print(f"wrote {Path(args.model) / EVAL_RESULTS_FILE}")
     return 0
 
 
@@ -50,8 +51,8 @@ def _audit(argv: Sequence[str]) -> int:
                              "(default 0.99).")
     parser.add_argument("--output", default="audit_report.json", help="Where to write the JSON report.")
     args = parser.parse_args(argv)
-    from hf_tumor.audit import DEFAULT_THRESHOLD, run_audit, summary
-    from hf_tumor.data import resolve_data_dir
+    from hf_tumor.training.audit import DEFAULT_THRESHOLD, run_audit, summary
+    from hf_tumor.training.data import resolve_data_dir
 
     report = run_audit(resolve_data_dir(args.data_dir), DEFAULT_THRESHOLD if args.threshold is None else args.threshold)
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
@@ -82,8 +83,8 @@ def _predict(argv: Sequence[str]) -> int:
     parser.add_argument("--volume_index", type=int, help="Scans: the volume to take from a 4-D file (fMRI, diffusion).")
     parser.add_argument("--series", type=int, help="Scans: the DICOM series to take, numbered as the error lists them.")
     args = parser.parse_args(argv)
-    from hf_tumor.inference import default_model, load_predictor
-    from hf_tumor.scan import is_scan
+    from hf_tumor.serving.inference import default_model, load_predictor
+    from hf_tumor.serving.scan import is_scan
 
     predictor = load_predictor(args.model or default_model(), args.backend, args.revision)
     print(predictor.describe(), file=sys.stderr)
@@ -119,7 +120,7 @@ def _predict_images(predictor, paths: list[str], args: argparse.Namespace, write
 
 def _predict_scan(predictor, path: str, args: argparse.Namespace, writer) -> bool:
     """Print one scan's slices and summary as ``args`` asks; True if it could not be read."""
-    from hf_tumor.scan import format_summary, load_scan, predict_scan
+    from hf_tumor.serving.scan import format_summary, load_scan, predict_scan
 
     try:
         result = predict_scan(predictor, load_scan(path, volume_index=args.volume_index, series=args.series), args.plane)
@@ -166,8 +167,8 @@ def _external(argv: Sequence[str]) -> int:
     parser.add_argument("--output", help="Write the report as JSON here.")
     parser.add_argument("--save_slices", metavar="DIR", help="Also write the slices as JPEGs with a slices.csv index.")
     args = parser.parse_args(argv)
-    from hf_tumor.external import available_sources, build_suite, external_report, format_report, save_slices, trained_on
-    from hf_tumor.inference import default_model, load_predictor
+    from hf_tumor.checks.external import available_sources, build_suite, external_report, format_report, save_slices, trained_on
+    from hf_tumor.serving.inference import default_model, load_predictor
 
     predictor = load_predictor(args.model or default_model(), args.backend)
     print(predictor.describe(), file=sys.stderr)
@@ -196,7 +197,7 @@ def _external(argv: Sequence[str]) -> int:
 
 
 def _patients(argv: Sequence[str]) -> int:
-    from hf_tumor.patients import CLI_HELP, SEQUENCES
+    from hf_tumor.checks.patients import CLI_HELP, SEQUENCES
 
     parser = argparse.ArgumentParser(prog="hf-tumor patients", description=CLI_HELP)
     parser.add_argument("--model", help="Model folder or Hub repo id (default: $HF_TUMOR_MODEL, else the bundled model).")
@@ -206,9 +207,9 @@ def _patients(argv: Sequence[str]) -> int:
     parser.add_argument("--sequences", nargs="+", choices=SEQUENCES, help="Sequences (default: all).")
     parser.add_argument("--skull", choices=("with", "stripped", "both"), default="both")
     parser.add_argument("--exclude_trained", action="store_true", help="Skip the patients the model was trained on.")
-    parser.add_argument("--output", help="Write the JSON report here (default: patients_results.json in a local model folder).")
+    parser.add_argument("--output", help=f"Write the JSON report here (default: {PATIENTS_FILE} in a local model folder).")
     args = parser.parse_args(argv)
-    from hf_tumor.patients import format_table, run_patients, write_report
+    from hf_tumor.checks.patients import format_table, run_patients, write_report
 
     report = run_patients(args.model, args.backend, args.data_dir, patients=args.patients, sequences=args.sequences,
                           skull={"with": True, "stripped": False, "both": None}[args.skull],
@@ -223,7 +224,7 @@ def _patients(argv: Sequence[str]) -> int:
 
 
 def _shortcuts(argv: Sequence[str]) -> int:
-    from hf_tumor.shortcuts import HELP, SHORTCUTS
+    from hf_tumor.checks.shortcuts import HELP, SHORTCUTS
 
     parser = argparse.ArgumentParser(prog="hf-tumor shortcuts", description=HELP)
     parser.add_argument("--data_dir", required=True, help="A DIR/<class>/ folder of labelled slices, e.g. the Kaggle Testing folder.")
@@ -233,8 +234,8 @@ def _shortcuts(argv: Sequence[str]) -> int:
     parser.add_argument("--only", nargs="+", choices=[s.name for s in SHORTCUTS], help="Only these transforms.")
     parser.add_argument("--output", help="Write the JSON report here.")
     args = parser.parse_args(argv)
-    from hf_tumor.inference import default_model, load_predictor
-    from hf_tumor.shortcuts import format_table, labelled_paths, run_audit_shortcuts, select_shortcuts
+    from hf_tumor.checks.shortcuts import format_table, labelled_paths, run_audit_shortcuts, select_shortcuts
+    from hf_tumor.serving.inference import default_model, load_predictor
 
     paths = labelled_paths(args.data_dir, args.per_class)
     predictor = load_predictor(args.model or default_model(), args.backend)
@@ -247,7 +248,7 @@ def _shortcuts(argv: Sequence[str]) -> int:
 
 
 def _export(argv: Sequence[str]) -> int:
-    from hf_tumor.export import CALIBRATION_METHODS, export_model
+    from hf_tumor.training.export import CALIBRATION_METHODS, export_model
 
     parser = argparse.ArgumentParser(
         prog="hf-tumor export",
@@ -260,8 +261,7 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--calibration_method", choices=list(CALIBRATION_METHODS), default="minmax",
                         help="How int8 activation ranges are estimated from those images.")
     args = parser.parse_args(argv)
-    from hf_tumor.inference import ONNX_DIR, PARITY_FILE
-    from hf_tumor.runtime import setup_logging
+    from hf_tumor.training.runtime import setup_logging
 
     setup_logging()
     report = export_model(args.model, args.data_dir, args.quantize == "int8", args.calibration_images,
@@ -290,7 +290,7 @@ def _package(argv: Sequence[str]) -> int:
     parser.add_argument("--dataset_id", help="The audited dataset on the Hub the card points at "
                                              "(default: OWNER/brain-tumor-mri, OWNER from --repo_id).")
     args = parser.parse_args(argv)
-    from hf_tumor.hub import package_model
+    from hf_tumor.training.hub import package_model
 
     print(f"wrote {package_model(args.model, args.out, args.repo_id, space_id=args.space_id, dataset_id=args.dataset_id)}")
     return 0
@@ -311,9 +311,9 @@ def _push(argv: Sequence[str]) -> int:
     parser.add_argument("--dataset_id", help="The audited dataset the card points at (`hf-tumor push-dataset`; "
                                              "default: OWNER/brain-tumor-mri, OWNER from --repo_id).")
     args = parser.parse_args(argv)
-    from hf_tumor.hub import push
+    from hf_tumor.training.hub import push
 
-    from hf_tumor.data import DATA_ENV
+    from hf_tumor.training.data import DATA_ENV
 
     data_dir = args.data_dir or os.environ.get(DATA_ENV)
     plan = push(args.model, args.repo_id, args.space_id, args.private, args.revision, args.dry_run, data_dir=data_dir,
@@ -346,7 +346,7 @@ def _push_dataset(argv: Sequence[str]) -> int:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--dry_run", metavar="OUT", help="Write the files that would be uploaded under OUT; push nothing.")
     args = parser.parse_args(argv)
-    from hf_tumor.hub_dataset import DEFAULT_SPLIT_SEED, DEFAULT_VALIDATION_FRACTION, push_dataset
+    from hf_tumor.training.hub_dataset import DEFAULT_SPLIT_SEED, DEFAULT_VALIDATION_FRACTION, push_dataset
 
     plan = push_dataset(args.data_dir, args.repo_id, args.dry_run, None, args.private, args.model,
                         args.model_repo, args.validation_fraction or DEFAULT_VALIDATION_FRACTION,
@@ -357,16 +357,9 @@ def _push_dataset(argv: Sequence[str]) -> int:
 
 
 def _train(argv: Sequence[str]) -> int:
-    from hf_tumor.training import main as train_main
+    from hf_tumor.training.train import main as train_main
 
     train_main(argv)
-    return 0
-
-
-def _train_bare(argv: Sequence[str]) -> int:
-    from hf_tumor.bare_loop import train_bare
-
-    train_bare(argv)
     return 0
 
 
@@ -377,7 +370,6 @@ EXTRAS = {"datasets": "train", "accelerate": "train", "evaluate": "train", "skle
 
 COMMANDS = {
     "train": (_train, "train a model folder (same flags as scripts/train.py; --help lists them)"),
-    "train-bare": (_train_bare, "the same with a bare PyTorch loop instead of the Trainer (a control experiment)"),
     "evaluate": (_evaluate, "evaluate on official and leak-free test, calibrate on validation"),
     "audit": (_audit, "find duplicates and train/test leakage in a data folder"),
     "export": (_export, "export a model folder to ONNX (optionally int8) and check parity"),

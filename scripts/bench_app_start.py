@@ -8,9 +8,9 @@ import argparse
 import json
 import sys
 
-from hf_tumor.benchmark import app_start_benchmark, write_report
-from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
-from hf_tumor.inference import default_model
+from benchlib import app_start_benchmark, write_report
+from hf_tumor.serving.inference import default_model
+from hf_tumor.training.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
 
 
 def main() -> None:

@@ -10,10 +10,10 @@ import argparse
 import json
 from pathlib import Path
 
-from hf_tumor.benchmark import first_of_each_kind, inference_benchmark, write_report
-from hf_tumor.data import resolve_data_dir
-from hf_tumor.inference import resolve_model_dir
-from hf_tumor.inference import default_model
+from benchlib import first_of_each_kind, inference_benchmark, write_report
+from hf_tumor.serving.inference import resolve_model_dir
+from hf_tumor.serving.inference import default_model
+from hf_tumor.training.data import resolve_data_dir
 from transformers import AutoConfig
 
 

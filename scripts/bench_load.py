@@ -10,9 +10,9 @@ import argparse
 import json
 import sys
 
-from hf_tumor.benchmark import free_port, load_test, shown, start_app, write_report
-from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
-from hf_tumor.inference import default_model
+from benchlib import free_port, load_test, shown, start_app, write_report
+from hf_tumor.serving.inference import default_model
+from hf_tumor.training.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
 
 
 def main() -> None:

@@ -6,10 +6,10 @@ python scripts/bench_ood.py [--model DIR] [--data_dir DIR] [--stride N] [--out F
 import argparse
 import json
 
-from hf_tumor.benchmark import ood_report, write_report
-from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
-from hf_tumor.inference import load_predictor
-from hf_tumor.inference import default_model
+from benchlib import ood_report, write_report
+from hf_tumor.serving.inference import load_predictor
+from hf_tumor.serving.inference import default_model
+from hf_tumor.training.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
 
 
 def main() -> None:

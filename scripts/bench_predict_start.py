@@ -12,11 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from hf_tumor.benchmark import predict_start_benchmark, write_report
-from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
+from benchlib import predict_start_benchmark, write_report
+from hf_tumor.checks.external import SOURCES
 from hf_tumor.errors import UserError
-from hf_tumor.external import SOURCES
-from hf_tumor.inference import default_model
+from hf_tumor.serving.inference import default_model
+from hf_tumor.training.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
 
 
 def main() -> None:

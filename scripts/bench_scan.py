@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-from hf_tumor.benchmark import scan_benchmark, write_report
+from benchlib import scan_benchmark, write_report
+from hf_tumor.checks.external import SOURCES
 from hf_tumor.errors import UserError
-from hf_tumor.external import SOURCES
-from hf_tumor.inference import default_model
-from hf_tumor.volumes import PLANES
+from hf_tumor.serving.inference import default_model
+from hf_tumor.serving.volumes import PLANES
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ and about 17x slower than fp32 on an AVX2 CPU), unless --force_bf16.
 import argparse
 import json
 
-from hf_tumor.benchmark import machine, train_benchmark, write_report
-from hf_tumor.runtime import bf16_available
+from benchlib import machine, train_benchmark, write_report
+from hf_tumor.training.runtime import bf16_available
 
 
 def main() -> None:

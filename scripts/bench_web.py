@@ -9,10 +9,10 @@ import itertools
 import json
 import sys
 
-from hf_tumor.benchmark import web_benchmark, write_report
-from hf_tumor.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
+from benchlib import web_benchmark, write_report
 from hf_tumor.errors import UserError
-from hf_tumor.inference import default_model, resolve_model_dir
+from hf_tumor.serving.inference import default_model, resolve_model_dir
+from hf_tumor.training.data import SPLIT_DIRS, check_layout, image_files, resolve_data_dir
 
 
 def main() -> None:

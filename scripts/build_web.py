@@ -9,8 +9,8 @@ import sys
 import time
 
 from hf_tumor.errors import UserError
-from hf_tumor.inference import default_model, resolve_model_dir
-from hf_tumor.web import build_web, serve
+from hf_tumor.serving.inference import default_model, resolve_model_dir
+from hf_tumor.training.web import build_web, serve
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HF_TUMOR_TEST_DATA", REPO.parent / "shared" / "data" / "brain-tumor-mri"))
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 BUNDLED_MODEL = REPO / "models" / "resnetv2_50-scratch-128"
+# scripts/ is not installed: the tests import the benchmark library (benchlib, and its browser harness)
+# and the bare training loop (train_bare) from there, as the scripts beside them do
+sys.path.insert(0, str(REPO / "scripts"))
 TEST_IMAGE_SIZE = 64
 # Set by `make test` (and so CI): a test that would skip for want of a program, a package or data (chromium,
 # npm, the ITK example volume, an optional Python package) fails instead, so that nothing is left out unseen.
@@ -92,7 +96,7 @@ def train_args(data_dir: Path, output_dir: Path, *extra: str, image_size: int | 
 @pytest.fixture(scope="session")
 def tiny_train_size(tiny_data, tmp_path_factory) -> int:
     """How many of ``tiny_data``'s images the default recipe trains on (the rest is validation)."""
-    from hf_tumor.training import parse_args, prepare_data
+    from hf_tumor.training.train import parse_args, prepare_data
 
     data_args, model_args, _, training_args = parse_args(train_args(tiny_data, tmp_path_factory.mktemp("sizes")))
     return len(prepare_data(data_args, model_args, training_args).splits["train"])
@@ -101,7 +105,7 @@ def tiny_train_size(tiny_data, tmp_path_factory) -> int:
 @pytest.fixture(scope="session")
 def trained_model(tiny_data, tmp_path_factory) -> Path:
     """A resnetv2_50 model folder trained for 2 epochs by the real training entry point, then evaluated."""
-    from hf_tumor.training import main
+    from hf_tumor.training.train import main
 
     return main(train_args(tiny_data, tmp_path_factory.mktemp("model") / "run"))
 

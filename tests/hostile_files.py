@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 
 from conftest import real_images
-from hf_tumor.image_io import MAX_UPLOAD_BYTES
+from hf_tumor.serving.image_io import MAX_UPLOAD_BYTES
 
 
 def _save(image: PIL.Image.Image, path: Path, **kwargs) -> Path:

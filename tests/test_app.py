@@ -18,13 +18,13 @@ import PIL.Image
 import pytest
 
 from conftest import CLASSES, REPO, real_images
-from hf_tumor.domain import image_checks
-from hf_tumor.explain import CamExplainer, overlay
-from hf_tumor.image_io import InputError, read_image
-from hf_tumor.inference import load_predictor
-from hf_tumor.inference import BUNDLED_MODEL
-from hf_tumor.reporting import OutputFolder, batch_table, verdict
-from hf_tumor.scan import MAX_SCAN_BYTES
+from hf_tumor.serving.domain import image_checks
+from hf_tumor.serving.explain import CamExplainer, overlay
+from hf_tumor.serving.image_io import InputError, read_image
+from hf_tumor.serving.inference import load_predictor
+from hf_tumor.serving.inference import BUNDLED_MODEL
+from hf_tumor.serving.reporting import OutputFolder, batch_table, verdict
+from hf_tumor.serving.scan import MAX_SCAN_BYTES
 from hostile_files import BAD, GOOD, build_all
 
 # what the bundled model answers for each readable kind of file: every one is the first meningioma test
@@ -58,7 +58,7 @@ def test_a_decompression_bomb_is_refused_without_decoding_it(tmp_path):
     """Reading the 20,000 x 20,000 PNG (400 MB of pixels once decoded) keeps the process small."""
     bomb = BAD["bomb"][0](tmp_path, None)
     # VmHWM: this process's peak resident memory (getrusage's maxrss would include the parent's, across exec)
-    code = ("import sys; from hf_tumor.image_io import InputError, read_image\n"
+    code = ("import sys; from hf_tumor.serving.image_io import InputError, read_image\n"
             "try: read_image(sys.argv[1])\nexcept InputError as e: print(e)\n"
             "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
     out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120)
@@ -102,7 +102,7 @@ def test_predictions_cam_and_batch_table(trained_model, slice_image, tmp_path):
 
 
 def test_the_verdict_names_the_label_or_the_flags():
-    from hf_tumor.inference import Prediction
+    from hf_tumor.serving.inference import Prediction
 
     sure = Prediction(label="glioma", probabilities={"glioma": 0.9, "notumor": 0.1})
     assert verdict(sure) == "Predicted: **glioma** (90.0%)."
@@ -188,8 +188,8 @@ def test_every_kind_of_file_through_the_http_api(kind, api_client, hostile):
     from gradio_client import handle_file
 
     if kind == "dicom":  # a display image stored as DICOM: the API must answer exactly as the library does
-        from hf_tumor.inference import load_predictor
-        from hf_tumor.reporting import verdict
+        from hf_tumor.serving.inference import load_predictor
+        from hf_tumor.serving.reporting import verdict
 
         expected = verdict(load_predictor(BUNDLED_MODEL, backend="onnx-int8").predict_files([hostile[kind]])[0])
         _label, message = api_client.predict(handle_file(str(hostile[kind])), api_name="/classify")
@@ -214,7 +214,7 @@ def test_still_serving_after_the_hostile_files(api_client):
 @pytest.fixture(scope="module")
 def mni_path() -> Path:
     pytest.importorskip("nilearn")
-    from hf_tumor.external import SOURCES
+    from hf_tumor.checks.external import SOURCES
 
     return SOURCES["mni152"].path()
 
@@ -362,7 +362,7 @@ def test_browser_whole_scan(served_app, mni_path):
 
 def test_domain_check_on_offline_images():
     """The bundled model's check: real slices pass, photos, documents, noise and blanks are caught."""
-    from hf_tumor.benchmark import ood_report
+    from benchlib import ood_report
 
     report = ood_report(load_predictor(BUNDLED_MODEL), [str(p) for c in CLASSES for p in real_images("Testing", c, 3)])
     # 15 of the 16 caught, as by the bundled model; the one it may miss is what image statistics cannot

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hf_tumor.audit import run_audit, summary, train_groups
+from hf_tumor.training.audit import run_audit, summary, train_groups
 
 
 def smooth_image(seed: int, size: int = 256) -> Image.Image:

@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 
 from conftest import BUNDLED_MODEL, CLASSES, REPO, SHARED_DATA, real_images
-from hf_tumor.runtime import CPU_FEATURES, bf16_available, machine_kind
+from hf_tumor.training.runtime import CPU_FEATURES, bf16_available, machine_kind
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +114,7 @@ def test_the_parity_table_is_the_bundled_record():
 
 
 def test_benchmark_files_are_named_by_machine_kind():
-    from hf_tumor.benchmark import output_path
+    from benchlib import output_path
 
     path = output_path("inference", "128px")
     assert path.parent == REPO / "benchmarks" and path.name == f"inference_128px_{machine_kind()}.json"
@@ -140,7 +140,7 @@ def test_bench_app_start_measures_a_fresh_app(trained_model: Path, tiny_data: Pa
 def test_bench_scan_measures_the_cli_the_library_and_the_app(tmp_path: Path):
     nib = pytest.importorskip("nibabel")
     pytest.importorskip("nilearn")
-    from hf_tumor.external import SOURCES
+    from hf_tumor.checks.external import SOURCES
 
     img = nib.load(SOURCES["mni152"].path())  # a 2 mm copy keeps the test quick; the benchmark runs at 1 mm
     small = nib.Nifti1Image(img.get_fdata(dtype="float32")[::2, ::2, ::2], img.affine @ [[2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]])

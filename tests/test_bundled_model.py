@@ -12,8 +12,8 @@ import torch
 from transformers import pipeline
 
 from conftest import CLASSES, SHARED_DATA
-from hf_tumor.audit import DEFAULT_THRESHOLD, correlated_pairs, fingerprints, standardize
-from hf_tumor.inference import BUNDLED_MODEL
+from hf_tumor.serving.inference import BUNDLED_MODEL
+from hf_tumor.training.audit import DEFAULT_THRESHOLD, correlated_pairs, fingerprints, standardize
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model yet")
 
@@ -48,7 +48,7 @@ def test_plain_pipeline_classifies_leak_free_test_slices_in_fp32():
 
 
 def test_default_backend_is_the_checked_int8_export_and_agrees_with_pytorch():
-    from hf_tumor.inference import load_predictor
+    from hf_tumor.serving.inference import load_predictor
 
     parity = json.loads((BUNDLED_MODEL / "onnx" / "parity.json").read_text())
     assert parity["num_images"] == 1311 and parity["onnx-int8"]["passed"]
@@ -76,8 +76,8 @@ def test_colour_is_no_shortcut():
     the model must not have learnt "faint colour means no tumour". Removing the colour changes nothing."""
     import numpy as np
 
-    from hf_tumor.image_io import read_image
-    from hf_tumor.inference import load_predictor
+    from hf_tumor.serving.image_io import read_image
+    from hf_tumor.serving.inference import load_predictor
 
     predictor = load_predictor(BUNDLED_MODEL, "torch")
     images = [read_image(p) for p in sorted((SHARED_DATA / "Testing" / "notumor").iterdir())]

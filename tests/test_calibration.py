@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_tumor.calibration import (
+from hf_tumor.serving.model import create_model
+from hf_tumor.training.calibration import (
     calibration_report,
     expected_calibration_error,
     fit_temperature,
@@ -14,8 +15,7 @@ from hf_tumor.calibration import (
     negative_log_likelihood,
     softmax,
 )
-from hf_tumor.evaluation import bootstrap_ci
-from hf_tumor.model import create_model
+from hf_tumor.training.evaluation import bootstrap_ci
 
 
 def test_ece_known_values():

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import CLASSES, TEST_IMAGE_SIZE, make_subset, real_images
-from hf_tumor import data
-from hf_tumor.data import DataError, check_layout, load_splits, resolve_data_dir, split_train_validation
-from hf_tumor.preprocessing import make_pretrained_cfg
+from hf_tumor.serving.preprocessing import make_pretrained_cfg
+from hf_tumor.training import data
+from hf_tumor.training.data import DataError, check_layout, load_splits, resolve_data_dir, split_train_validation
 
 CFG = make_pretrained_cfg("resnetv2_50", TEST_IMAGE_SIZE)
 
@@ -141,7 +141,7 @@ def test_a_split_without_validation_is_refused_naming_the_minimum(fraction: floa
 
 def test_cached_pixels_equal_the_pipeline_resize(tiny_data):
     """The cache holds exactly what timm's eval transform makes of the file (RGB, EXIF, resize)."""
-    from hf_tumor.preprocessing import create_eval_transform, load_image
+    from hf_tumor.serving.preprocessing import create_eval_transform, load_image
 
     splits = load_splits(tiny_data, CFG, validation_fraction=0.25, seed=0)
     row = splits["test"][0]
@@ -150,7 +150,7 @@ def test_cached_pixels_equal_the_pipeline_resize(tiny_data):
 
 
 def test_grayscale_and_rgb_inputs_give_three_channels(tmp_path):
-    from hf_tumor.preprocessing import create_eval_transform, load_image
+    from hf_tumor.serving.preprocessing import create_eval_transform, load_image
 
     gray = tmp_path / "g.png"
     Image.fromarray(np.full((40, 50), 128, np.uint8), "L").save(gray)
@@ -161,7 +161,7 @@ def test_grayscale_and_rgb_inputs_give_three_channels(tmp_path):
 def test_grayscale_preprocessing_equals_rgb_conversion(slice_image):
     """A grayscale image, or an RGB one with three equal channels, is resized as one channel: the same
     input as timm's transform of the RGB conversion, bit for bit; one differing pixel makes it colour."""
-    from hf_tumor.preprocessing import create_eval_transform, gray_if_neutral
+    from hf_tumor.serving.preprocessing import create_eval_transform, gray_if_neutral
 
     transform = create_eval_transform(CFG)
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (41, 67), np.uint8), "L")
@@ -180,7 +180,7 @@ def test_grayscale_preprocessing_equals_rgb_conversion(slice_image):
 
 def test_numpy_preprocessing_equals_timm_transform(slice_image):
     """Prediction's NumPy twin of ToTensor + Normalize (every backend uses it) gives timm's tensor bit for bit."""
-    from hf_tumor.preprocessing import create_eval_transform
+    from hf_tumor.serving.preprocessing import create_eval_transform
 
     transform = create_eval_transform(CFG)
     for image in (slice_image.convert("RGB"), Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), np.uint8))):
@@ -195,7 +195,7 @@ def test_mri_artefacts_change_a_real_slice_and_keep_it_a_grey_uint8_image(slice_
     and the off switch leaves the augmentation as it was (no TorchIO step at all)."""
     import torch
 
-    from hf_tumor.augment import AugmentConfig, MriArtefacts, augment_array, create_train_augment
+    from hf_tumor.training.augment import AugmentConfig, MriArtefacts, augment_array, create_train_augment
 
     pixels = np.array(slice_image.convert("RGB").resize((96, 96)))
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import BUNDLED_MODEL, real_images
-from hf_tumor.explain import MAP_NOTE, CamExplainer, head_mask, overlay
-from hf_tumor.preprocessing import create_eval_transform, load_image
+from hf_tumor.serving.explain import MAP_NOTE, CamExplainer, head_mask, overlay
+from hf_tumor.serving.preprocessing import create_eval_transform, load_image
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model yet")
 
@@ -107,7 +107,7 @@ def test_the_map_is_pytorch_grad_cams_hirescam(explainer, slices):
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from hf_tumor.model import LogitsOnly, load_model
+    from hf_tumor.serving.model import LogitsOnly, load_model
 
     model = load_model(BUNDLED_MODEL)
     x, cls = slices[8]
@@ -171,8 +171,8 @@ def test_explaining_imports_no_training_stack():
     image = real_images("Testing", "glioma", 11)[10]
     code = (
         "import sys, numpy as np\n"
-        "from hf_tumor.explain import CamExplainer, overlay\n"
-        "from hf_tumor.preprocessing import create_eval_transform, load_image\n"
+        "from hf_tumor.serving.explain import CamExplainer, overlay\n"
+        "from hf_tumor.serving.preprocessing import create_eval_transform, load_image\n"
         f"e = CamExplainer({str(BUNDLED_MODEL)!r})\n"
         f"image = load_image({str(image)!r})\n"
         "x = create_eval_transform(e.model.config.pretrained_cfg).to_array(image)[None]\n"

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import CLASSES, real_images
-from hf_tumor.inference import ONNX_DIR, BackendError, choose_backend, load_predictor, passed_backends
+from hf_tumor.contract import ONNX_DIR, passed_backends
+from hf_tumor.serving.inference import BackendError, choose_backend, load_predictor
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def exported(trained_model: Path, tiny_data: Path, tmp_path_factory) -> tuple[Path, dict]:
     """A copy of the tiny trained model with fp32 and int8 ONNX files and their parity report."""
-    from hf_tumor.export import export_model
+    from hf_tumor.training.export import export_model
 
     model_dir = tmp_path_factory.mktemp("exported") / "model"
     shutil.copytree(trained_model, model_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
@@ -39,7 +40,7 @@ def test_export_writes_the_optimum_layout_and_a_parity_report(exported):
 
 
 def test_model_card_reports_the_parity_check(exported):
-    from hf_tumor.hub import render_model_card
+    from hf_tumor.training.hub import render_model_card
 
     model_dir, report = exported
     text = render_model_card(model_dir, "someone/hf-tumor-test").text
@@ -81,9 +82,9 @@ def test_unexported_model_refuses_onnx_backends_with_the_fix(trained_model):
 
 
 def test_calibration_method_is_recorded_and_changes_the_int8_ranges(exported, tiny_data: Path, tmp_path: Path):
-    from hf_tumor.data import load_image_folder
-    from hf_tumor.export import ExportError, calibration_batches, quantize_int8
-    from hf_tumor.model import load_model
+    from hf_tumor.serving.model import load_model
+    from hf_tumor.training.data import load_image_folder
+    from hf_tumor.training.export import ExportError, calibration_batches, quantize_int8
 
     model_dir, report = exported
     assert (report["onnx-int8"]["calibration_method"], report["onnx-int8"]["calibration_images"]) == ("minmax", 16)
@@ -101,7 +102,8 @@ def test_every_backend_computes_the_neighbour_check_from_the_model_folder(export
     import onnx
     import PIL.Image
 
-    from hf_tumor.neighbours import FEATURES_FILE, NeighbourCheck
+    from hf_tumor.contract import FEATURES_FILE
+    from hf_tumor.serving.neighbours import NeighbourCheck
 
     model_dir, _ = exported
     assert (trained_model / FEATURES_FILE).is_file()

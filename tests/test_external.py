@@ -16,7 +16,7 @@ import pytest
 
 nib = pytest.importorskip("nibabel")
 
-from hf_tumor.external import (
+from hf_tumor.checks.external import (
     ITK_DATA,
     SOURCES,
     ExternalSlice,
@@ -26,7 +26,7 @@ from hf_tumor.external import (
     format_report,
     save_slices,
 )
-from hf_tumor.volumes import (
+from hf_tumor.serving.volumes import (
     PLANE_AXIS,
     Volume,
     VolumeError,

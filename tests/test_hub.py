@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import re
@@ -15,7 +16,7 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard
 from transformers import AutoModelForImageClassification
 
 from conftest import BUNDLED_MODEL, CLASSES, REPO, SHARED_DATA, real_images
-from hf_tumor.hub import CARD_TEMPLATE, PushError, card_inputs, package_model, push
+from hf_tumor.training.hub import CARD_TEMPLATE, PushError, card_inputs, package_model, push, serving_modules
 
 REPO_ID = "someone/hf-tumor-test"
 
@@ -32,9 +33,9 @@ def _card_text(model_dir) -> str:
 
 
 def test_the_card_template_ships_in_the_package_and_model_card_md_is_the_bundled_card():
-    import hf_tumor
+    import hf_tumor.training
 
-    assert CARD_TEMPLATE.is_file() and CARD_TEMPLATE.parent.parent == Path(hf_tumor.__file__).resolve().parent
+    assert CARD_TEMPLATE.is_file() and CARD_TEMPLATE.parent.parent == Path(hf_tumor.training.__file__).resolve().parent
     assert "templates/*.md" in (REPO / "pyproject.toml").read_text()  # package data: installed packages render cards
     top_level = REPO / "model_card.md"
     assert top_level.is_symlink() and top_level.resolve() == (BUNDLED_MODEL / "README.md").resolve()
@@ -139,8 +140,9 @@ def test_dry_run_writes_exactly_what_would_be_uploaded(trained_model, tiny_data,
     assert not any(name.startswith("checkpoint") or name.endswith(".bin") for name in model_files)
     space = tmp_path / "out" / "space"
     # the Space's app and every hf_tumor module it imports
-    imported = set(re.findall(r"^from hf_tumor\.(\w+) import", (REPO / "space" / "app.py").read_text(), re.M))
-    assert imported and {"app.py", "README.md", "requirements.txt", *(f"hf_tumor/{m}.py" for m in imported)} <= set(plan.space_files)
+    imported = set(re.findall(r"^from hf_tumor\.([\w.]+) import", (REPO / "space" / "app.py").read_text(), re.M))
+    assert imported and {"app.py", "README.md", "requirements.txt",
+                         *(f"hf_tumor/{m.replace('.', '/')}.py" for m in imported)} <= set(plan.space_files)
     assert REPO_ID in (space / "README.md").read_text()
 
 
@@ -222,6 +224,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _hf_tumor_imports(path: Path) -> set[str]:
+    """Every ``hf_tumor`` module a file imports, at its top or inside a function, read from the source."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "hf_tumor":
+            # `from hf_tumor.serving import scan` imports hf_tumor.serving.scan where that is a module
+            found |= {f"{node.module}.{alias.name}" if (REPO / node.module.replace(".", "/") / f"{alias.name}.py").is_file()
+                      else node.module for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "hf_tumor"}
+    return found
+
+
+def test_the_serving_path_imports_only_what_a_space_holds():
+    """What a Space holds (hf_tumor's __init__, errors, contract and serving/) imports nothing from
+    hf_tumor.training or hf_tumor.checks, and nothing of hf_tumor outside itself."""
+    held = {("hf_tumor/" + name).removesuffix(".py").removesuffix("/__init__").replace("/", ".") for name in serving_modules()}
+    assert {"hf_tumor", "hf_tumor.errors", "hf_tumor.contract", "hf_tumor.serving", "hf_tumor.serving.inference",
+            "hf_tumor.serving.model", "hf_tumor.serving.scan"} <= held
+    assert len(serving_modules()) == len(list((REPO / "hf_tumor" / "serving").glob("*.py"))) + 3
+    for name in serving_modules():
+        imported = _hf_tumor_imports(REPO / "hf_tumor" / name)
+        assert not {m for m in imported if m.startswith(("hf_tumor.training", "hf_tumor.checks"))}, name
+        assert imported <= held, (name, imported - held)
+    # the parser sees what it must: training's own imports of both subpackages, at the top and inside functions
+    train = _hf_tumor_imports(REPO / "hf_tumor" / "training" / "train.py")
+    assert {"hf_tumor.training.data", "hf_tumor.checks.external", "hf_tumor.checks.patients"} <= train
+
+
 @pytest.mark.slow
 def test_the_staged_space_runs_as_the_hub_runs_it(tmp_path):
     """A dry-run push stages the Space; its card obeys the Spaces rules, it holds only serving code and
@@ -238,9 +269,8 @@ def test_the_staged_space_runs_as_the_hub_runs_it(tmp_path):
     from gradio_client import Client, handle_file
     from huggingface_hub import SpaceCard
 
-    from hf_tumor.audit import run_audit
-    from hf_tumor.hub import serving_modules
-    from hf_tumor.inference import load_predictor
+    from hf_tumor.serving.inference import load_predictor
+    from hf_tumor.training.audit import run_audit
 
     push(BUNDLED_MODEL, REPO_ID, space_id="someone/hf-tumor", dry_run=tmp_path / "out", data_dir=SHARED_DATA)
     space, model = tmp_path / "out" / "space", tmp_path / "out" / "model"
@@ -254,9 +284,10 @@ def test_the_staged_space_runs_as_the_hub_runs_it(tmp_path):
         if line and not line.startswith("#"):
             name, version = line.split("==")
             assert importlib.metadata.version(name) == version, line
-    staged = sorted(p.name for p in (space / "hf_tumor").iterdir())
+    staged = sorted(str(p.relative_to(space / "hf_tumor")) for p in (space / "hf_tumor").rglob("*") if p.is_file())
     assert staged == serving_modules()
-    assert not {"training.py", "data.py", "audit.py", "evaluation.py", "hub.py", "cli.py"} & set(staged)
+    assert {"__init__.py", "errors.py", "contract.py", "serving/__init__.py", "serving/inference.py"} <= set(staged)
+    assert not [name for name in staged if name.startswith(("training/", "checks/")) or name == "cli.py"]
     examples = sorted(p.name for p in (space / "examples").iterdir())
     assert examples == ["glioma.jpg", "meningioma.jpg", "not-mri.jpg", "notumor.jpg", "pituitary.jpg"]
     clean = {(SHARED_DATA / p).read_bytes() for p in run_audit(SHARED_DATA)["clean_test"]["paths"]

@@ -12,13 +12,13 @@ from datasets import Image, load_dataset
 from huggingface_hub import DatasetCard
 
 from conftest import BUNDLED_MODEL, CLASSES, TEST_IMAGE_SIZE, make_subset
-from hf_tumor.audit import run_audit, train_groups
-from hf_tumor.data import DataError, load_splits
+from hf_tumor.contract import training_split_settings
 from hf_tumor.errors import UserError
-from hf_tumor.evaluation import training_split_settings
-from hf_tumor.hub import PushError
-from hf_tumor.hub_dataset import DATASET_CARD_TEMPLATE, SPLITS, build_dataset_dict, push_dataset
-from hf_tumor.preprocessing import make_pretrained_cfg
+from hf_tumor.serving.preprocessing import make_pretrained_cfg
+from hf_tumor.training.audit import run_audit, train_groups
+from hf_tumor.training.data import DataError, load_splits
+from hf_tumor.training.hub import PushError
+from hf_tumor.training.hub_dataset import DATASET_CARD_TEMPLATE, SPLITS, build_dataset_dict, push_dataset
 
 REPO_ID = "someone/brain-tumor-mri-audited"
 CFG = make_pretrained_cfg("resnetv2_50", TEST_IMAGE_SIZE)
@@ -186,10 +186,10 @@ def test_push_checks_token_and_hub_before_reading_any_data(tmp_path, monkeypatch
 
 
 def test_card_template_ships_in_the_package():
-    import hf_tumor
+    import hf_tumor.training
 
     assert DATASET_CARD_TEMPLATE.is_file()
-    assert DATASET_CARD_TEMPLATE.parent.parent == Path(hf_tumor.__file__).resolve().parent  # templates/*.md package data
+    assert DATASET_CARD_TEMPLATE.parent.parent == Path(hf_tumor.training.__file__).resolve().parent  # templates/*.md package data
 
 
 def test_the_push_dataset_command_dry_run(tiny_data, tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import CLASSES
-from hf_tumor.model import ModelInitError, create_model
+from hf_tumor.serving.model import ModelInitError, create_model
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_wrong_architecture_checkpoint_is_an_error(tmp_path):
 
 
 def test_precise_bn_replaces_running_stats_by_the_exact_average():
-    from hf_tumor.training import recompute_batchnorm_stats
+    from hf_tumor.training.train import recompute_batchnorm_stats
 
     class Tiny(torch.nn.Module):
         def __init__(self):

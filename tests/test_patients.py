@@ -12,9 +12,7 @@ nib = pytest.importorskip("nibabel")
 pytest.importorskip("onnxruntime")
 
 from conftest import BUNDLED_MODEL
-from hf_tumor.errors import UserError
-from hf_tumor.inference import ARGS_FILE, load_predictor
-from hf_tumor.patients import (
+from hf_tumor.checks.patients import (
     LESION_VOXELS,
     PATIENTS_ENV,
     PatientDataError,
@@ -24,8 +22,11 @@ from hf_tumor.patients import (
     trained_patients,
     write_report,
 )
-from hf_tumor.scan import load_scan, predict_scan
-from hf_tumor.volumes import slices
+from hf_tumor.contract import ARGS_FILE
+from hf_tumor.errors import UserError
+from hf_tumor.serving.inference import load_predictor
+from hf_tumor.serving.scan import load_scan, predict_scan
+from hf_tumor.serving.volumes import slices
 
 DATA = default_data_dir()
 BRATS = DATA / "brats-samples" / "BraTS2021_00006"

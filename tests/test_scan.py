@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, real_images
-from hf_tumor.dicom_series import MAX_RATIO, SeriesChoiceError
-from hf_tumor.inference import BUNDLED_MODEL, load_predictor
-from hf_tumor.scan import edge_flag, format_summary, index_ranges, is_scan, load_scan, predict_scan
-from hf_tumor.image_io import InputError, read_image
-from hf_tumor.volumes import VolumeError, head_extent, load_nifti, slices, window
+from hf_tumor.serving.dicom_series import MAX_RATIO, SeriesChoiceError
+from hf_tumor.serving.image_io import InputError, read_image
+from hf_tumor.serving.inference import BUNDLED_MODEL, load_predictor
+from hf_tumor.serving.scan import edge_flag, format_summary, index_ranges, is_scan, load_scan, predict_scan
+from hf_tumor.serving.volumes import VolumeError, head_extent, load_nifti, slices, window
 
 PATIENT = "Doe^Jane"  # written into every DICOM header; must never come out
 
@@ -29,7 +29,7 @@ PATIENT = "Doe^Jane"  # written into every DICOM header; must never come out
 @pytest.fixture(scope="module")
 def mni_path() -> Path:
     pytest.importorskip("nilearn")
-    from hf_tumor.external import SOURCES
+    from hf_tumor.checks.external import SOURCES
 
     return SOURCES["mni152"].path()
 
@@ -316,7 +316,7 @@ def test_the_scan_verdict_never_says_no_tumour_for_a_scan_it_cannot_judge(mni_pa
 
 
 def load_scan_from_img(img: nib.Nifti1Image):
-    from hf_tumor.volumes import volume_from_image
+    from hf_tumor.serving.volumes import volume_from_image
 
     return volume_from_image(img, name="head")
 
@@ -470,7 +470,7 @@ def test_the_choices_a_bad_scan_asks_for_work(tmp_path, mni_img):
 def test_a_zip_bomb_is_refused_without_inflating_it(tmp_path, mni_img):
     bomb = _zip_bomb(tmp_path, mni_img)
     assert bomb.stat().st_size * MAX_RATIO < 60 * 2**20  # small on disk, far beyond any DICOM's ratio
-    code = ("import sys; from hf_tumor.dicom_series import read_series\n"  # the reader alone: no torch in the peak
+    code = ("import sys; from hf_tumor.serving.dicom_series import read_series\n"  # the reader alone: no torch in the peak
             "try: read_series(sys.argv[1])\nexcept Exception as e: print(type(e).__name__)\n"
             "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
     out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120)

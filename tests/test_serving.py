@@ -15,9 +15,10 @@ import PIL.Image
 import pytest
 
 from conftest import BUNDLED_MODEL, REPO, real_images
-from hf_tumor.image_io import read_image
-from hf_tumor.inference import ModelConfigError, load_predictor, read_config
-from hf_tumor.preprocessing import PreprocessingError, create_eval_transform
+from hf_tumor.contract import ModelConfigError, read_config
+from hf_tumor.serving.image_io import read_image
+from hf_tumor.serving.inference import load_predictor
+from hf_tumor.serving.preprocessing import PreprocessingError, create_eval_transform
 
 TRAINING_STACK = ("datasets", "pyarrow", "accelerate", "evaluate", "sklearn", "matplotlib")
 
@@ -26,7 +27,7 @@ def test_predicting_imports_no_training_stack():
     image = real_images("Testing", "glioma", 1)[0]
     code = (
         "import sys\n"
-        "from hf_tumor import domain, explain, inference, reporting, scan\n"
+        "from hf_tumor.serving import domain, explain, inference, reporting, scan\n"
         "predictor = inference.load_predictor(inference.BUNDLED_MODEL, 'onnx-int8')\n"
         f"print(predictor.predict_files([{str(image)!r}])[0].label)\n"
         f"print(sorted(m for m in {TRAINING_STACK!r} if m in sys.modules))\n"
@@ -44,7 +45,7 @@ def test_space_requirements_are_pinned_and_hold_no_training_stack():
     assert all("==" in line for line in lines)
     assert not names & {"datasets", "accelerate", "evaluate", "scikit-learn", "matplotlib", "pyyaml"}
     assert {"torch", "timm", "transformers", "gradio", "onnxruntime", "pydicom", "nibabel"} <= names
-    assert "grad-cam" not in names  # the heatmap is computed in torch (hf_tumor.explain)
+    assert "grad-cam" not in names  # the heatmap is computed in torch (hf_tumor.serving.explain)
 
 
 # ---------------------------------------------------------------- the ONNX path serves without PyTorch
@@ -92,8 +93,8 @@ def test_predicting_a_scan_with_int8_imports_no_pytorch_and_agrees_with_pytorch(
     pytest.importorskip("nilearn")
     import nibabel as nib
 
-    from hf_tumor.external import SOURCES
-    from hf_tumor.scan import load_scan, predict_scan
+    from hf_tumor.checks.external import SOURCES
+    from hf_tumor.serving.scan import load_scan, predict_scan
 
     img = nib.as_closest_canonical(nib.load(SOURCES["mni152"].path()))
     affine = img.affine.copy()
@@ -187,15 +188,15 @@ def test_the_config_is_read_as_transformers_reads_it(tmp_path):
 
 
 def test_reading_dicom_loads_no_torch(tmp_path):
-    """A DICOM slice, alone or in a series, is decoded by hf_tumor.dicom and windowed by hf_tumor.volumes:
+    """A DICOM slice, alone or in a series, is decoded by hf_tumor.serving.dicom and windowed by hf_tumor.serving.volumes:
     numpy, pydicom, nibabel and Pillow, nothing heavier."""
     from hostile_files import GOOD
 
     dicom = GOOD["dicom"](tmp_path, None)
     code = (
         "import sys\n"
-        "from hf_tumor.image_io import read_image\n"
-        "from hf_tumor.dicom_series import read_series\n"
+        "from hf_tumor.serving.image_io import read_image\n"
+        "from hf_tumor.serving.dicom_series import read_series\n"
         f"image = read_image({str(dicom)!r})\n"
         "print(image.mode, image.size)\n"
         f"print(sorted(m for m in ('torch', 'timm', 'transformers', *{TRAINING_STACK!r}) if m in sys.modules))\n"
@@ -227,7 +228,7 @@ def test_bench_predict_start_measures_the_cli_beside_a_bare_onnxruntime_script(t
 
 
 def test_neighbour_distances_are_the_kth_nearest_cosine_distance_and_the_threshold_a_validation_quantile():
-    from hf_tumor.neighbours import fit, knn_distances, normalise
+    from hf_tumor.serving.neighbours import fit, knn_distances, normalise
 
     rng = np.random.default_rng(0)
     train, validation, far = rng.random((500, 64)), rng.random((200, 64)), rng.random((20, 64)) ** 8
@@ -241,6 +242,6 @@ def test_neighbour_distances_are_the_kth_nearest_cosine_distance_and_the_thresho
 
 
 def test_a_model_folder_without_the_neighbour_file_has_no_such_check(tmp_path):
-    from hf_tumor.neighbours import NeighbourCheck
+    from hf_tumor.serving.neighbours import NeighbourCheck
 
     assert NeighbourCheck.load(tmp_path) is None

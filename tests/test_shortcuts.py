@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from conftest import BUNDLED_MODEL, CLASSES, SHARED_DATA, real_images
-from hf_tumor import shortcuts as sc
+from hf_tumor.checks import shortcuts as sc
 
 # axial slices with the skull in view: a post-contrast T1 glioma (figshare) and a framed FLAIR "no tumor"
 SKULL_SLICES = ["glioma/Te-gl_0291.jpg", "notumor/Te-no_0309.jpg", "meningioma/Te-meTr_0001.jpg"]
@@ -114,7 +114,7 @@ def test_bad_input_is_a_user_error():
 
 
 def test_audit_counts_add_up(tmp_path):
-    from hf_tumor.inference import load_predictor
+    from hf_tumor.serving.inference import load_predictor
 
     predictor = load_predictor(BUNDLED_MODEL, backend="onnx-int8")
     paths = [p for c in CLASSES for p in real_images("Testing", c, 2)]
@@ -140,7 +140,7 @@ def test_audit_counts_add_up(tmp_path):
 
 
 def test_audit_refuses_folders_that_are_not_classes(tmp_path):
-    from hf_tumor.inference import load_predictor
+    from hf_tumor.serving.inference import load_predictor
 
     stray = tmp_path / "tumour" / "x.jpg"
     stray.parent.mkdir()
@@ -160,7 +160,7 @@ def test_brain_mask_agrees_with_hd_bet_on_a_real_patient(sequence):
     the axial slices the 2-D heuristic should find nearly the same brain."""
     import nibabel as nib
 
-    from hf_tumor.volumes import window
+    from hf_tumor.serving.volumes import window
 
     folder = SHARED_DATA.parent / "tcga-lgg-fg-6692"
     if not folder.is_dir():

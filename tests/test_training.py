@@ -21,12 +21,13 @@ import yaml
 from transformers import AutoModelForImageClassification, pipeline
 
 from conftest import BUNDLED_MODEL, CLASSES, REPO, TEST_IMAGE_SIZE, train_args
-from hf_tumor.data import attach_transforms, cache_resized, load_image_folder
-from hf_tumor.evaluation import predict_logits, training_split_settings
-from hf_tumor.hub import card_inputs
-from hf_tumor.inference import load_predictor
-from hf_tumor.model import load_model
-from hf_tumor.training import parse_args, prepare_data, save_resolved_args
+from hf_tumor.contract import training_split_settings
+from hf_tumor.serving.inference import load_predictor
+from hf_tumor.serving.model import load_model
+from hf_tumor.training.data import attach_transforms, cache_resized, load_image_folder
+from hf_tumor.training.evaluation import predict_logits
+from hf_tumor.training.hub import card_inputs
+from hf_tumor.training.train import parse_args, prepare_data, save_resolved_args
 
 GPU_CONFIG = REPO / "configs" / "gpu-256.yaml"
 # fields of train_args.json that say where and when a run was made, not what it trained
@@ -47,8 +48,8 @@ def test_defaults_are_the_bundled_recipe(tmp_path: Path, monkeypatch):
     # --bf16 and --use_cpu follow the machine (native bf16? a GPU?). The bundled run was trained with bf16
     # autocast on a CPU with native bf16 (AVX512-BF16); probing as that machine compares those two fields
     # too, on any machine, instead of ignoring them.
-    monkeypatch.setattr("hf_tumor.training.bf16_available", lambda: True)
-    monkeypatch.setattr("hf_tumor.training.accelerator_available", lambda: False)
+    monkeypatch.setattr("hf_tumor.training.train.bf16_available", lambda: True)
+    monkeypatch.setattr("hf_tumor.training.train.accelerator_available", lambda: False)
     bundled = json.loads((BUNDLED_MODEL / "train_args.json").read_text())
     mine = resolved_defaults(tmp_path, ["--init", "scratch", "--data_dir", "D", "--output_dir", "O"])
 
@@ -80,7 +81,7 @@ def test_defaults_are_the_bundled_recipe(tmp_path: Path, monkeypatch):
 
 def test_bundled_json_names_no_absolute_path():
     """What the repository ships names no directory of the machine that made it; the writer keeps it so."""
-    from hf_tumor.evaluation import portable_path
+    from hf_tumor.training.evaluation import portable_path
 
     def strings(value):
         if isinstance(value, dict):
@@ -149,8 +150,8 @@ def test_split_seed_draws_validation_apart_from_the_training_seed(tiny_data: Pat
 def test_weight_decay_exemptions(tmp_path: Path, decay_everything: bool):
     from transformers import TrainingArguments
 
-    from hf_tumor.model import create_model
-    from hf_tumor.training import RecipeTrainer
+    from hf_tumor.serving.model import create_model
+    from hf_tumor.training.train import RecipeTrainer
 
     model = create_model("resnetv2_50", CLASSES, image_size=TEST_IMAGE_SIZE, init="scratch")
     args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.05, use_cpu=True, report_to="none")
@@ -197,7 +198,7 @@ def test_model_folder_is_complete(trained_model: Path, tiny_train_size: int):
 
 @pytest.mark.slow
 def test_eval_results(trained_model: Path, tiny_data: Path):
-    from hf_tumor.audit import run_audit
+    from hf_tumor.training.audit import run_audit
 
     results = json.loads((trained_model / "eval_results.json").read_text())
     assert set(results["splits"]) == {"validation", "test", "clean_test"}
@@ -248,7 +249,7 @@ def test_the_gpu_config_trains(tiny_data: Path, tmp_path: Path):
     """configs/gpu-256.yaml, given first, trains a step; the test's flags keep it to a CPU-sized batch (and
     precise BN to 8 images, which at 256 px would cost more than the step) but leave its image size alone,
     so the model is a 256 px one."""
-    from hf_tumor.training import main
+    from hf_tumor.training.train import main
 
     out = main([str(GPU_CONFIG), *train_args(tiny_data, tmp_path / "gpu", "--evaluate_test", "false", image_size=None),
                 "--max_steps", "1", "--precise_bn_images", "8"])
@@ -262,8 +263,8 @@ def test_resume_continues_from_the_last_checkpoint_in_the_precision_it_started_i
     """A run restarted into its output folder resumes from its last checkpoint. --bf16 defaults to what the
     machine does natively: a run moved to a machine with another default is refused until --bf16 says which
     precision to go on in, and then goes on in it."""
-    from hf_tumor.runtime import bf16_available
-    from hf_tumor.training import main
+    from hf_tumor.training.runtime import bf16_available
+    from hf_tumor.training.train import main
 
     out = tmp_path / "run"
     steps = ["--evaluate_test", "False", "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "steps", "--eval_steps", "3"]
@@ -367,13 +368,13 @@ def test_two_process_data_parallel_on_cpu(tiny_data: Path, tmp_path: Path, tiny_
 
 @pytest.mark.slow
 def test_bare_loop_control_experiment(tiny_data: Path, tmp_path: Path):
-    from hf_tumor.cli import main as cli
+    from train_bare import main as train_bare
 
     out = tmp_path / "bare"
     # flags the loop ignores, set against what it does: train_args.json must record what it did
     ignored = ["--max_grad_norm", "1.0", "--load_best_model_at_end", "true", "--decay_norm_and_bias", "false",
                "--early_stopping_patience", "3", "--precise_bn_images", "64"]
-    assert cli(["train-bare", *train_args(tiny_data, out, "--num_train_epochs", "4", *ignored)]) == 0
+    assert train_bare(train_args(tiny_data, out, "--num_train_epochs", "4", *ignored)) == 0
     history = json.loads((out / "train_results.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     # it learns: measured 1.51-1.79 in the first epoch and 1.17-1.29 in the fourth over seeds 42, 1 and 2
@@ -383,7 +384,7 @@ def test_bare_loop_control_experiment(tiny_data: Path, tmp_path: Path):
     # the folder holds the last epoch's weights: evaluation sees what the loop's last validation saw
     assert results["splits"]["validation"]["accuracy"] == pytest.approx(history[-1]["validation_accuracy"])
     resolved = json.loads((out / "train_args.json").read_text())
-    assert resolved["command"].startswith("hf-tumor train-bare ")
+    assert resolved["command"].startswith("python scripts/train_bare.py ")
     # what the loop did, not the flags it ignored
     assert resolved["TrainingArguments"]["max_grad_norm"] == 0
     assert resolved["ModelArguments"]["decay_norm_and_bias"] is True and resolved["ModelArguments"]["precise_bn_images"] == 0
@@ -397,7 +398,7 @@ def test_bare_loop_control_experiment(tiny_data: Path, tmp_path: Path):
     # no checkpoints to resume from, so a second run into the same folder refuses instead of overwriting
     weights = (out / "model.safetensors").read_bytes()
     with pytest.raises(SystemExit, match="already holds a model"):
-        cli(["train-bare", *train_args(tiny_data, out)])
+        train_bare(train_args(tiny_data, out))
     assert (out / "model.safetensors").read_bytes() == weights
 
 
@@ -406,8 +407,8 @@ def test_healthy_volume_slices_join_training_and_leave_the_external_report(tiny_
     """--healthy_sources: real slices of a package's healthy volume become notumor training rows (validation
     untouched), the run records it, and `hf-tumor external` then leaves that source out of the model's report."""
     pytest.importorskip("dipy")
-    from hf_tumor.external import available_sources, trained_on
-    from hf_tumor.training import main
+    from hf_tumor.checks.external import available_sources, trained_on
+    from hf_tumor.training.train import main
 
     flags = ["--healthy_sources", "dipy_s0", "--healthy_per_plane", "3", "--mri", "0.5"]
     data_args, model_args, _, training_args = parse_args(train_args(tiny_data, tmp_path / "sizes", *flags))
@@ -435,10 +436,10 @@ def test_healthy_volume_slices_join_training_and_leave_the_external_report(tiny_
 def test_bare_train_needs_pypi_packages_only(tiny_data: Path, tmp_path: Path, monkeypatch, capsys):
     """`hf-tumor train --init scratch --max_steps 1` with every other default (128 px, batch 32, the default
     healthy slices) trains and evaluates with the Debian ITK data absent; asking for it then says what to install."""
+    from hf_tumor.checks.external import available_sources
     from hf_tumor.cli import main as cli
-    from hf_tumor.external import available_sources
 
-    monkeypatch.setattr("hf_tumor.external.ITK_DATA", tmp_path / "no-insighttoolkit5-examples")
+    monkeypatch.setattr("hf_tumor.checks.external.ITK_DATA", tmp_path / "no-insighttoolkit5-examples")
     assert "itk_t1" not in available_sources() and "mni152" in available_sources()
     out = tmp_path / "bare"
     assert cli(["train", "--init", "scratch", "--max_steps", "1", "--data_dir", str(tiny_data), "--output_dir", str(out)]) == 0

@@ -15,9 +15,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from benchlib import classify_in_browser
 from conftest import CLASSES, real_images
-from hf_tumor.inference import BUNDLED_MODEL, load_predictor
-from hf_tumor.web import WEB_DIR, build_web, classify_in_browser, serve
+from hf_tumor.serving.inference import BUNDLED_MODEL, load_predictor
+from hf_tumor.training.web import WEB_DIR, build_web, serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 PER_CLASS = 52  # 208 slices
@@ -134,7 +135,7 @@ def test_bad_files_get_a_message_and_the_page_goes_on(page_url, tmp_path):
 
 def test_the_push_stages_the_page_as_a_static_space(tmp_path):
     _need("npm", shutil.which("npm") is not None)
-    from hf_tumor.hub import push
+    from hf_tumor.training.hub import push
 
     plan = push(BUNDLED_MODEL, "someone/hf-tumor", web_space_id="someone/hf-tumor-web", dry_run=tmp_path)
     staged = tmp_path / "web"
@@ -146,7 +147,7 @@ def test_the_push_stages_the_page_as_a_static_space(tmp_path):
 
 
 def test_a_model_without_a_checked_int8_file_is_refused(tmp_path):
-    from hf_tumor.web import WebBuildError
+    from hf_tumor.training.web import WebBuildError
 
     model = tmp_path / "model"
     model.mkdir()

@@ -129,7 +129,7 @@ export function toModelInput(rgba, width, height, cfg) {
   return { input, pixels, size };
 }
 
-// Reasons, from image statistics alone, why this is no brain MRI slice (hf_tumor.domain.image_checks on
+// Reasons, from image statistics alone, why this is no brain MRI slice (hf_tumor.serving.domain.image_checks on
 // the model's input in 0-255, with its thresholds).
 export function imageChecks(pixels, size) {
   const n = size * size;
