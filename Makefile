@@ -79,6 +79,7 @@ bench: setup
 	$(BIN)/python scripts/bench_load.py --model $(MODEL) --data_dir $(DATA)
 	$(BIN)/python scripts/bench_ood.py --model $(MODEL) --data_dir $(DATA)
 	$(BIN)/python scripts/bench_scan.py --model $(MODEL)
+	$(BIN)/python scripts/bench_predict_start.py --model $(MODEL) --data_dir $(DATA)
 	$(BIN)/python scripts/bench_web.py --model $(MODEL) --data_dir $(DATA)
 
 # Debian packages the tests use: chromium for the browser tests (Playwright drives /usr/bin/chromium; it
