@@ -215,3 +215,34 @@ def test_mri_artefacts_change_a_real_slice_and_keep_it_a_grey_uint8_image(slice_
         assert np.abs(out.astype(float) - grey).mean() > 0.5, type(step).__name__
     steps = create_train_augment(AugmentConfig(mri=0), 96).transforms
     assert not any(isinstance(s, MriArtefacts) for s in steps)
+
+
+def test_cue_breaking_removes_the_skull_and_remaps_the_head_on_a_real_slice(slice_image):
+    """--cue_break: on a real slice with skull, p=1 blacks out the ring outside the brain and remaps the
+    contrast inside the head; the image stays a grey uint8 of its size, the same seed repeats it, another
+    differs; off (the default), no step is added."""
+    import torch
+
+    from hf_tumor.checks.shortcuts import brain_mask
+    from hf_tumor.training.augment import AugmentConfig, CueBreaking, augment_array, create_train_augment
+
+    pixels = np.array(slice_image.convert("RGB").resize((128, 128)))
+    plain = dict(hflip=0, rotation=0, translate=0, scale=0, brightness=0, contrast=0, mri=0)
+    augment = create_train_augment(AugmentConfig(**plain, cue_break=1.0), 128)
+    torch.manual_seed(0)
+    first = augment_array(pixels, augment)
+    torch.manual_seed(0)
+    assert np.array_equal(first, augment_array(pixels, augment))
+    torch.manual_seed(1)
+    assert not np.array_equal(first, augment_array(pixels, augment))
+    assert first.shape == pixels.shape and first.dtype == np.uint8
+    assert (first[..., 0] == first[..., 1]).all() and (first[..., 0] == first[..., 2]).all()
+    grey = pixels.mean(axis=2).round().astype(np.uint8)
+    brain = brain_mask(grey)
+    from scipy import ndimage
+
+    ring = ~ndimage.binary_dilation(brain, iterations=4) & (grey > 30)  # scalp and skull beyond the edge's jitter
+    assert ring.sum() > 200 and (first[..., 0][ring] == 0).mean() > 0.95
+    inside = ndimage.binary_erosion(brain, iterations=4)
+    assert np.abs(first[..., 0][inside].astype(float) - grey[inside]).mean() > 5  # the contrast moved too
+    assert not any(isinstance(s, CueBreaking) for s in create_train_augment(AugmentConfig(), 128).transforms)
