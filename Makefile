@@ -60,7 +60,7 @@ export: setup
 	$(BIN)/hf-tumor export --model $(MODEL) --quantize int8 --data_dir $(DATA)
 
 # The external check: healthy MRI volumes shipped in packages, slice by slice.
-external: setup system-deps
+external: setup
 	$(BIN)/hf-tumor external --model $(MODEL)
 
 # The in-browser page in web/dist: the page, ONNX Runtime Web from the npm registry (web/package-lock.json)

@@ -365,8 +365,8 @@ def _train(argv: Sequence[str]) -> int:
 
 # Which extra brings a package that a command may need (pyproject.toml).
 EXTRAS = {"datasets": "train", "accelerate": "train", "evaluate": "train", "sklearn": "train", "matplotlib": "train",
-          "yaml": "train", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "nibabel": "external",
-          "gradio": "app", "torchio": "train", "kagglehub": "kaggle"}
+          "yaml": "train", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "nilearn": "external",
+          "dipy": "external", "gradio": "app", "torchio": "train", "scipy": "train", "kagglehub": "kaggle"}
 
 COMMANDS = {
     "train": (_train, "train a model folder (same flags as scripts/train.py; --help lists them)"),

@@ -122,7 +122,12 @@ def training_split_settings(model_dir: Path) -> dict[str, Any]:
 def read_parity(model_dir: str | os.PathLike) -> dict[str, Any]:
     """``onnx/parity.json`` of a model folder, or {} where none was written."""
     path = Path(model_dir) / ONNX_DIR / PARITY_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelConfigError(f"{path} is not a readable parity record ({err}); re-run hf-tumor export") from err
 
 
 def passed_backends(model_dir: str | os.PathLike, parity: dict[str, Any] | None = None) -> list[str]:

@@ -28,7 +28,7 @@ import torch
 
 from hf_tumor.contract import passed_backends
 from hf_tumor.serving.image_io import InputError, read_image
-from hf_tumor.serving.inference import Predictor, load_predictor
+from hf_tumor.serving.inference import Predictor, load_predictor, resolve_model_dir
 from hf_tumor.serving.preprocessing import gray_if_neutral
 from hf_tumor.training.runtime import cpu_features, cpu_name, hardware_description, machine_kind
 
@@ -627,7 +627,7 @@ def predict_start_benchmark(model: str, image: Path, volume: Path, runs: int = 5
     timm, transformers, torchvision) was imported. With ``before`` (a checkout of older code) its CLI is run
     too, taking turns with this one's, so that both meet the same drift in the machine's speed."""
     codes = {"after": REPO} if before is None else {"before": Path(before).resolve(), "after": REPO}
-    model_dir, image, volume = Path(model).resolve(), Path(image).resolve(), Path(volume).resolve()
+    model_dir, image, volume = resolve_model_dir(model), Path(image).resolve(), Path(volume).resolve()
     base_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     cli_args = ["--model", str(model_dir), "--backend", "onnx-int8", "--json"]
     measured: dict[str, dict[str, list[dict[str, Any]]]] = {name: {"image": [], "scan": []} for name in codes}

@@ -51,7 +51,10 @@ class LazyExplainer:
     def heatmap(self, pixel_values, class_index: int):
         with self._lock:  # two first requests at once load it once
             if self._explainer is None:
-                self._explainer = CamExplainer(self.model_dir)
+                try:
+                    self._explainer = CamExplainer(self.model_dir)
+                except (UserError, OSError, ImportError) as err:  # weights missing or corrupt, torch absent
+                    raise gr.Error(f"The heatmap is unavailable: {err}") from err
         return self._explainer.heatmap(pixel_values, class_index)
 
 

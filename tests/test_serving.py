@@ -245,3 +245,31 @@ def test_a_model_folder_without_the_neighbour_file_has_no_such_check(tmp_path):
     from hf_tumor.serving.neighbours import NeighbourCheck
 
     assert NeighbourCheck.load(tmp_path) is None
+
+
+def test_a_broken_neighbour_file_and_too_few_slices_are_clear_errors(tmp_path):
+    """A truncated domain_features.npz names the file and the fix; fitting on k or fewer slices is refused."""
+    from hf_tumor.contract import FEATURES_FILE, ModelConfigError
+    from hf_tumor.serving.neighbours import NeighbourError, fit
+
+    rng = np.random.default_rng(0)
+    fit(rng.random((50, 8)), rng.random((20, 8)), k=10).save(tmp_path)
+    from hf_tumor.serving.neighbours import NeighbourCheck
+
+    assert len(NeighbourCheck.load(tmp_path).reference) == 50
+    path = tmp_path / FEATURES_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ModelConfigError, match="hf-tumor evaluate"):
+        NeighbourCheck.load(tmp_path)
+    with pytest.raises(NeighbourError, match="more than k = 10"):
+        fit(rng.random((10, 8)), rng.random((20, 8)), k=10)
+
+
+def test_a_slice_whose_spacing_would_stretch_it_beyond_reason_is_refused():
+    """display_image makes pixels square; a header's absurd spacing gets a clear error, not a huge image."""
+    from hf_tumor.serving.volumes import VolumeError, display_image
+
+    slice2d = np.random.default_rng(0).random((64, 64))
+    assert display_image(slice2d, 2.0, 1.0).size == (64, 128)
+    with pytest.raises(VolumeError, match="not a plausible MRI slice"):
+        display_image(slice2d, 0.001, 100.0)

@@ -14,15 +14,21 @@ threshold is a quantile of the validation slices' distances, set by ``hf-tumor e
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hf_tumor.contract import FEATURES_FILE
+from hf_tumor.contract import FEATURES_FILE, ModelConfigError
+from hf_tumor.errors import UserError
 
 DEFAULT_K = 10
 FLAG_RATE = 0.015  # share of validation slices flagged, beside the energy check's 1% (docs/experiments.md, candidate P2)
+
+
+class NeighbourError(UserError, ValueError):
+    """Too few training slices to fit the check."""
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
@@ -67,8 +73,16 @@ class NeighbourCheck:
         path = Path(model_dir) / FEATURES_FILE
         if not path.is_file():
             return None
-        with np.load(path) as data:
-            return cls(data["reference"].astype(np.float32), int(data["k"]), float(data["threshold"]))
+        try:
+            with np.load(path) as data:
+                check = cls(data["reference"].astype(np.float32), int(data["k"]), float(data["threshold"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise ModelConfigError(f"{path} is not a readable neighbour check ({type(err).__name__}); "
+                                   "re-run hf-tumor evaluate on the model folder") from err
+        if check.reference.ndim != 2 or len(check.reference) <= check.k:
+            raise ModelConfigError(f"{path} holds {len(check.reference)} reference slices for k = {check.k}; "
+                                   "re-run hf-tumor evaluate on the model folder")
+        return check
 
 
 def fit(train_features: np.ndarray, validation_features: np.ndarray, k: int = DEFAULT_K,
@@ -76,6 +90,8 @@ def fit(train_features: np.ndarray, validation_features: np.ndarray, k: int = DE
     """Keep up to ``max_reference`` training slices (drawn at random, seeded) as the reference, and put
     the threshold at the validation distances' ``1 - flag_rate`` quantile."""
     train = normalise(train_features)
+    if len(train) <= k:
+        raise NeighbourError(f"the neighbour check needs more than k = {k} training slices, got {len(train)}")
     if len(train) > max_reference:
         train = train[np.sort(np.random.default_rng(seed).choice(len(train), max_reference, replace=False))]
     reference = train.astype(np.float16).astype(np.float32)  # what the saved file holds, so the threshold fits it

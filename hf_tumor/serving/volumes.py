@@ -43,6 +43,9 @@ HEAD_INTENSITY = 0.10
 HEAD_AREA = 0.05
 
 
+MAX_SQUARE_SIDE = 8192  # largest side a slice may reach once its pixels are made square
+
+
 class VolumeError(UserError, ValueError):
     """A file that is not a usable 3-D MRI volume (with a message saying why)."""
 
@@ -194,6 +197,9 @@ def display_image(slice2d: np.ndarray, row_mm: float = 1.0, col_mm: float = 1.0)
     if not np.isclose(row_mm, col_mm, rtol=1e-3):
         pixel = min(row_mm, col_mm)
         size = (max(1, round(slice2d.shape[1] * col_mm / pixel)), max(1, round(slice2d.shape[0] * row_mm / pixel)))
+        if max(size) > MAX_SQUARE_SIDE:  # a header's spacing, not the pixels, would decide the memory used
+            raise VolumeError(f"pixel spacing {row_mm:g} x {col_mm:g} mm would stretch a {slice2d.shape[1]} x "
+                              f"{slice2d.shape[0]} slice to {size[0]} x {size[1]} pixels: not a plausible MRI slice")
         image = image.resize(size, Image.Resampling.BILINEAR)
     return image
 
