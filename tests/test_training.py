@@ -67,7 +67,11 @@ def test_defaults_are_the_bundled_recipe(tmp_path: Path, monkeypatch):
 
     ours, theirs = fields(mine), fields(bundled)
     # options added after the bundled run, absent from its record: each must default to off
-    newer = {("DataArguments", "patient_sources"): [], ("DataArguments", "patients_dir"): None}
+    newer = {
+        ("DataArguments", "patient_sources"): [],
+        ("DataArguments", "patients_dir"): None,
+        ("AugmentConfig", "cue_break"): 0.0,
+    }
     assert set(ours) == set(theirs) | set(newer)
     assert {key: ours.pop(key) for key in newer} == newer
     differing = {key: (ours[key], theirs[key]) for key in ours if ours[key] != theirs[key]}
