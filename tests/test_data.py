@@ -245,4 +245,7 @@ def test_cue_breaking_removes_the_skull_and_remaps_the_head_on_a_real_slice(slic
     assert ring.sum() > 200 and (first[..., 0][ring] == 0).mean() > 0.95
     inside = ndimage.binary_erosion(brain, iterations=4)
     assert np.abs(first[..., 0][inside].astype(float) - grey[inside]).mean() > 5  # the contrast moved too
+    skull_only = augment_array(pixels, create_train_augment(AugmentConfig(**plain, cue_break=1.0, cue_break_contrast=False), 128))
+    assert (skull_only[..., 0][ring] == 0).mean() > 0.95
+    assert np.array_equal(skull_only[..., 0][inside], grey[inside])  # --cue_break_contrast false: the head untouched
     assert not any(isinstance(s, CueBreaking) for s in create_train_augment(AugmentConfig(), 128).transforms)

@@ -71,6 +71,7 @@ def test_defaults_are_the_bundled_recipe(tmp_path: Path, monkeypatch):
         ("DataArguments", "patient_sources"): [],
         ("DataArguments", "patients_dir"): None,
         ("AugmentConfig", "cue_break"): 0.0,
+        ("AugmentConfig", "cue_break_contrast"): True,
     }
     assert set(ours) == set(theirs) | set(newer)
     assert {key: ours.pop(key) for key in newer} == newer

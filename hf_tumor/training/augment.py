@@ -37,13 +37,18 @@ class AugmentConfig:
                           "class alike: the skull removed, and the contrast inside the head remapped (inverted, "
                           "folded or a gamma, one at random). 0: none."},
     )
+    cue_break_contrast: bool = field(
+        default=True,
+        metadata={"help": "Whether --cue_break also remaps the contrast (False: the skull removal alone, which "
+                          "gives every class skull-stripped examples without teaching it new sequences)."},
+    )
 
 
 def create_train_augment(aug: AugmentConfig, image_size: int) -> v2.Compose:
     """Random geometric and photometric augmentation on uint8 CHW tensors (size is preserved)."""
     steps: list[v2.Transform] = []
     if aug.cue_break > 0:  # first: the brain mask is found best on the unrotated, unscaled slice
-        steps.append(CueBreaking(aug.cue_break))
+        steps.append(CueBreaking(aug.cue_break, contrast=aug.cue_break_contrast))
     if aug.crop_scale < 1.0:
         steps.append(v2.RandomResizedCrop(image_size, scale=(aug.crop_scale, 1.0), ratio=(0.9, 1.1), antialias=True))
     if aug.hflip > 0:
@@ -98,26 +103,27 @@ class CueBreaking:
     """The shortcut audit's transforms as augmentation (``hf_tumor.checks.shortcuts``): the Kaggle tumour
     classes are nearly all post-contrast T1 with the skull in view, so a model learns that look as
     "tumour". Applied to every class alike, the look no longer tells the classes apart and only the lesion
-    does. Each of the two steps with probability ``p``; parameters drawn from a NumPy generator seeded by
-    torch's, so runs repeat with the Trainer's seed.
+    does. Each of the two steps with probability ``p`` (the contrast step only with ``contrast``);
+    parameters drawn from a NumPy generator seeded by torch's, so runs repeat with the Trainer's seed.
     """
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, contrast: bool = True):
         from hf_tumor.checks import shortcuts  # the audit owns these transforms; its tests cover them
 
         self.p = p
+        self.p_contrast = p if contrast else 0.0
         self.skull = shortcuts.skull_removed
         self.contrasts = (shortcuts.inverted, shortcuts.folded, shortcuts.gamma)
 
     def __call__(self, chw: torch.Tensor) -> torch.Tensor:
         draws = torch.rand(3)
-        if not (draws[:2] < self.p).any():
+        if not (draws[0] < self.p or draws[1] < self.p_contrast):
             return chw
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
         grey = chw.float().mean(dim=0).round().to(torch.uint8).numpy()
         if draws[0] < self.p:
             grey = self.skull(grey, rng=rng)
-        if draws[1] < self.p:
+        if draws[1] < self.p_contrast:
             grey = self.contrasts[int(draws[2] * len(self.contrasts)) % len(self.contrasts)](grey, rng=rng)
         return torch.from_numpy(np.ascontiguousarray(grey)).expand(chw.shape[0], -1, -1).contiguous()
 
