@@ -248,7 +248,7 @@ def _shortcuts(argv: Sequence[str]) -> int:
 
 
 def _export(argv: Sequence[str]) -> int:
-    from hf_tumor.training.export import CALIBRATION_METHODS, export_model
+    from hf_tumor.training.export import CALIBRATION_IMAGES, CALIBRATION_METHODS, export_model
 
     parser = argparse.ArgumentParser(
         prog="hf-tumor export",
@@ -257,7 +257,8 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--model", required=True, help="Local model folder.")
     parser.add_argument("--quantize", choices=["int8"], help="Also write an int8 model calibrated on Training images.")
     parser.add_argument("--data_dir", help="Folder with Training/ and Testing/ (default: $HF_TUMOR_DATA).")
-    parser.add_argument("--calibration_images", type=int, default=256, help="Training images used to calibrate int8.")
+    parser.add_argument("--calibration_images", type=int, default=CALIBRATION_IMAGES,
+                        help="Training images used to calibrate int8 (default: as the bundled file).")
     parser.add_argument("--calibration_method", choices=list(CALIBRATION_METHODS), default="minmax",
                         help="How int8 activation ranges are estimated from those images.")
     args = parser.parse_args(argv)

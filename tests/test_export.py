@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CLASSES, real_images
-from hf_tumor.contract import ONNX_DIR, passed_backends
+from conftest import BUNDLED_MODEL, CLASSES, real_images
+from hf_tumor.contract import ONNX_DIR, PARITY_FILE, passed_backends
 from hf_tumor.serving.inference import BackendError, choose_backend, load_predictor
 
 pytestmark = pytest.mark.slow
@@ -24,6 +24,18 @@ def exported(trained_model: Path, tiny_data: Path, tmp_path_factory) -> tuple[Pa
     model_dir = tmp_path_factory.mktemp("exported") / "model"
     shutil.copytree(trained_model, model_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
     return model_dir, export_model(model_dir, tiny_data, quantize=True, calibration_images=16)
+
+
+def test_the_default_export_remakes_the_bundled_int8_calibration():
+    """`make export` on the bundled model calibrates as its shipped int8 file was calibrated."""
+    import inspect
+
+    from hf_tumor.training.export import export_model
+
+    record = json.loads((BUNDLED_MODEL / ONNX_DIR / PARITY_FILE).read_text())["onnx-int8"]
+    defaults = inspect.signature(export_model).parameters
+    assert (defaults["calibration_images"].default, defaults["calibration_method"].default) == (
+        record["calibration_images"], record["calibration_method"])
 
 
 def test_export_writes_the_optimum_layout_and_a_parity_report(exported):

@@ -37,6 +37,8 @@ MAX_INT8_ACCURACY_DROP = 0.003  # accuracy points (as a fraction) int8 may lose 
 # ONNX Runtime's activation-range estimators (our name: theirs): MinMax keeps every outlier, Percentile
 # clips the top 0.001%, Entropy picks the range that loses least information
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+# the bundled int8 file's calibration, so that `make export` re-makes it
+CALIBRATION_IMAGES = 512
 
 
 class ExportError(UserError, RuntimeError):
@@ -160,7 +162,7 @@ def export_model(
     model_dir: str | os.PathLike,
     data_dir: str | os.PathLike | None = None,
     quantize: bool = False,
-    calibration_images: int = 256,
+    calibration_images: int = CALIBRATION_IMAGES,
     limit_test: int | None = None,
     calibration_method: str = "minmax",
 ) -> dict[str, Any]:
